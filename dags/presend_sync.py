@@ -1,0 +1,43 @@
+"""Pre-send sync: CRM contacts -> landing -> DuckDB -> dbt -> quality gate -> ESP.
+
+Every task that opens the DuckDB warehouse read-write runs in the `warehouse` pool (one slot);
+HTTP extraction runs outside it.
+"""
+
+from datetime import datetime, timedelta
+
+from airflow.sdk import dag, task
+
+from presend import alerts, pipeline
+from presend.settings import WAREHOUSE_POOL
+
+
+def warehouse_task(func):
+    """A task that opens the DuckDB warehouse read-write: one at a time, in its pool."""
+    return task(func, pool=WAREHOUSE_POOL)
+
+
+@dag(
+    dag_id="presend_sync",
+    schedule="@hourly",
+    start_date=datetime(2026, 1, 1),
+    catchup=False,
+    max_active_runs=1,
+    tags=["presend", "pre-send"],
+    default_args={"owner": "data-engineering", "retries": 2, "retry_delay": timedelta(seconds=30)},
+    on_failure_callback=alerts.on_dag_failure,
+    doc_md=__doc__,
+)
+def presend_sync():
+    cursor = warehouse_task(pipeline.read_crm_cursor)()
+    extracted = task(pipeline.extract_crm_contacts)(cursor)
+    loaded = warehouse_task(pipeline.load_crm_contacts)(extracted)
+    built = warehouse_task(pipeline.build_models)()
+    gated = warehouse_task(pipeline.gate_merge_fields)()
+    pushed = warehouse_task(pipeline.push_merge_fields)()
+    recorded = task(pipeline.record_sync_run, pool=WAREHOUSE_POOL, trigger_rule="all_done")()
+
+    loaded >> built >> gated >> pushed >> recorded
+
+
+presend_sync()

@@ -1,0 +1,29 @@
+with
+
+source as (
+
+    select * from {{ source('crm', 'crm_contacts') }}
+
+),
+
+renamed as (
+
+    select
+        id as contact_id,
+        lower(trim(properties ->> 'email')) as email,
+        nullif(trim(properties ->> 'firstname'), '') as first_name,
+        nullif(trim(properties ->> 'lastname'), '') as last_name,
+        nullif(lower(trim(properties ->> 'loyalty_tier')), '') as loyalty_tier,
+        nullif(trim(properties ->> 'time_zone'), '') as time_zone,
+        coalesce(lower(properties ->> 'hs_marketable_status') = 'true', false)
+            as has_marketing_consent,
+        lastmodifieddate as modified_at,
+        _loaded_at as loaded_at
+
+    from source
+
+    where not coalesce(archived, false)
+
+)
+
+select * from renamed

@@ -1,0 +1,1 @@
+"""presend: keep an ESP's merge fields fresh before every campaign send."""

@@ -1,0 +1,142 @@
+"""`python -m presend …`: the demo, the local Airflow UI, and the sandbox servers."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from presend import settings
+
+DAG_ID = "presend_sync"
+
+
+def airflow_env(airflow_home: Path | None = None) -> dict[str, str]:
+    """Environment of the embedded default: project-local AIRFLOW_HOME with SQLite metadata."""
+    settings.disable_telemetry()
+    home = airflow_home or Path(
+        os.environ.get("AIRFLOW_HOME", settings.PROJECT_DIR / "airflow_home")
+    )
+    plugins = str(settings.PROJECT_DIR / "plugins")
+    pythonpath = os.pathsep.join(p for p in (plugins, os.environ.get("PYTHONPATH")) if p)
+    return os.environ | {
+        "AIRFLOW_HOME": str(home),
+        "AIRFLOW__CORE__DAGS_FOLDER": str(settings.PROJECT_DIR / "dags"),
+        "AIRFLOW__CORE__PLUGINS_FOLDER": plugins,
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "True",
+        "PYTHONPATH": pythonpath,
+        "PRESEND_DATA_DIR": str(settings.data_dir()),
+    }
+
+
+def _airflow(
+    env: dict[str, str], *args: str, check: bool = True, quiet: bool = False
+) -> subprocess.CompletedProcess:
+    cmd = [str(Path(sys.executable).with_name("airflow")), *args]
+    out = subprocess.DEVNULL if quiet else None
+    return subprocess.run(cmd, env=env, check=check, stdout=out)
+
+
+def prepare_airflow(env: dict[str, str]) -> None:
+    """Create (or upgrade) the metadata DB and the `warehouse` pool; cheap when done before."""
+    home = Path(env["AIRFLOW_HOME"])
+    home.mkdir(parents=True, exist_ok=True)
+    marker = home / ".presend-prepared"
+    import airflow
+
+    if marker.exists() and marker.read_text() == airflow.__version__:
+        return
+    print(f"presend: preparing Airflow metadata in {home} …", flush=True)
+    _airflow(env, "db", "migrate", quiet=True)
+    _airflow(
+        env,
+        "pools",
+        "set",
+        settings.WAREHOUSE_POOL,
+        "1",
+        "DuckDB allows one writer per file",
+        quiet=True,
+    )
+    marker.write_text(airflow.__version__)
+
+
+def run_sync(env: dict[str, str]) -> int:
+    """One pre-send sync through Airflow (`airflow dags test`); returns its exit code."""
+    return _airflow(env, "dags", "test", DAG_ID, check=False).returncode
+
+
+def demo(args: argparse.Namespace) -> int:
+    from presend import report
+    from presend.sandbox.server import Sandbox
+
+    env = airflow_env()
+    prepare_airflow(env)
+    esp_state = settings.data_dir() / "sandbox" / "esp.json"
+    with Sandbox(contacts=args.contacts, seed=args.seed, esp_state=esp_state) as sandbox:
+        print(f"presend: sandbox CRM {sandbox.crm_url}, ESP {sandbox.esp_url}", flush=True)
+        code = run_sync(env | sandbox.connection_env())
+    run = report.latest() if settings.warehouse_path().exists() else None
+    print()
+    print(report.summary(run) if run else "presend: no sync run was recorded")
+    if run and run["status"] != "success":
+        code = code or 1
+    return code
+
+
+def airflow_ui(args: argparse.Namespace) -> int:
+    from presend.sandbox.server import Sandbox
+
+    env = airflow_env()
+    prepare_airflow(env)
+    esp_state = settings.data_dir() / "sandbox" / "esp.json"
+    with Sandbox(contacts=args.contacts, seed=args.seed, esp_state=esp_state) as sandbox:
+        print(f"presend: sandbox CRM {sandbox.crm_url}, ESP {sandbox.esp_url}", flush=True)
+        try:
+            return _airflow(env | sandbox.connection_env(), "standalone", check=False).returncode
+        except KeyboardInterrupt:
+            return 0
+
+
+def sandbox_serve(args: argparse.Namespace) -> int:
+    from presend.sandbox import server
+
+    return (
+        server.main(
+            [
+                "--ready-file",
+                str(args.ready_file),
+                "--crm-port",
+                str(args.crm_port),
+                "--esp-port",
+                str(args.esp_port),
+                "--contacts",
+                str(args.contacts),
+                "--seed",
+                str(args.seed),
+            ]
+        )
+        or 0
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="presend")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, func, help_ in (
+        ("demo", demo, "run the whole pre-send sync once against the sandbox"),
+        ("airflow", airflow_ui, "Airflow standalone on localhost:8080 with the sandbox"),
+        ("sandbox", sandbox_serve, "serve the sandbox CRM and ESP in the foreground"),
+    ):
+        p = sub.add_parser(name, help=help_)
+        p.set_defaults(func=func)
+        p.add_argument("--contacts", type=int, default=1000, help="sandbox CRM size")
+        p.add_argument("--seed", type=int, default=42, help="sandbox data seed")
+        if name == "sandbox":
+            p.add_argument("--ready-file", type=Path, default=Path("sandbox-ready.json"))
+            p.add_argument("--crm-port", type=int, default=8081)
+            p.add_argument("--esp-port", type=int, default=8082)
+    args = parser.parse_args(argv)
+    return args.func(args)

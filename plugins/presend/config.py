@@ -1,0 +1,62 @@
+"""The one loader of `config/presend.yml`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from presend import settings
+
+
+class ConfigError(ValueError):
+    """The configuration file is missing a value or has one of the wrong type."""
+
+
+@dataclass(frozen=True)
+class Config:
+    merge_field_defaults: dict[str, str]
+    quality_max_failed_share: float
+    esp_vendor: str
+    esp_batch_max_contacts: int
+    esp_batch_max_bytes: int
+
+
+def _get(doc: dict[str, Any], path: str, kind: type, file: Path) -> Any:
+    node: Any = doc
+    for part in path.split("."):
+        if not isinstance(node, dict) or part not in node:
+            raise ConfigError(f"{file}: missing `{path}`")
+        node = node[part]
+    if kind is float and isinstance(node, int) and not isinstance(node, bool):
+        node = float(node)
+    if not isinstance(node, kind) or (isinstance(node, bool) and kind is not bool):
+        raise ConfigError(f"{file}: `{path}` must be {kind.__name__}, got {node!r}")
+    return node
+
+
+def load(path: Path | None = None) -> Config:
+    """Read and check the configuration file."""
+    path = path or settings.CONFIG_FILE
+    try:
+        doc = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError as exc:
+        raise ConfigError(f"configuration file {path} not found") from exc
+    defaults = _get(doc, "merge_field_defaults", dict, path)
+    for field, value in defaults.items():
+        if not isinstance(value, str) or not value.strip():
+            raise ConfigError(
+                f"{path}: merge_field_defaults.{field} must be a non-empty string, got {value!r}"
+            )
+    share = _get(doc, "quality.max_failed_share", float, path)
+    if not 0 <= share <= 1:
+        raise ConfigError(f"{path}: quality.max_failed_share must be between 0 and 1")
+    return Config(
+        merge_field_defaults=dict(defaults),
+        quality_max_failed_share=share,
+        esp_vendor=_get(doc, "esp.vendor", str, path),
+        esp_batch_max_contacts=_get(doc, "esp.batch_max_contacts", int, path),
+        esp_batch_max_bytes=_get(doc, "esp.batch_max_bytes", int, path),
+    )

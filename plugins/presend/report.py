@@ -1,0 +1,69 @@
+"""The run report: one row per pre-send sync in `sync_runs`, and its text summary."""
+
+from __future__ import annotations
+
+import json
+
+from presend import warehouse
+
+SCHEMA_SQL = """
+create table if not exists sync_runs (
+    run_id varchar primary key,
+    recorded_at timestamp not null,
+    status varchar not null,
+    failed_stage varchar,
+    stages json not null
+);
+"""
+
+STAGES = ("extract", "load", "transform", "quality", "push")
+
+
+def record(run_id: str, stages: dict[str, dict | None]) -> dict:
+    """Store what each stage reported (None: it failed or did not run)."""
+    failed = next((s for s in STAGES if stages.get(s) is None), None)
+    status = "success" if failed is None else "failed"
+    with warehouse.connect() as con:
+        con.execute(SCHEMA_SQL)
+        con.execute(
+            "insert or replace into sync_runs values (?, now()::timestamp, ?, ?, ?)",
+            [run_id, status, failed, json.dumps(stages)],
+        )
+    return {"run_id": run_id, "status": status, "failed_stage": failed, "stages": stages}
+
+
+def latest() -> dict | None:
+    """The newest recorded run, read without taking the write lock."""
+    with warehouse.connect(read_only=True) as con:
+        row = con.execute(
+            "select run_id, status, failed_stage, stages from sync_runs "
+            "order by recorded_at desc limit 1"
+        ).fetchone()
+    if row is None:
+        return None
+    return {
+        "run_id": row[0],
+        "status": row[1],
+        "failed_stage": row[2],
+        "stages": json.loads(row[3]),
+    }
+
+
+def summary(run: dict) -> str:
+    """A few lines a data engineer reads at the end of a run."""
+    s = {k: v or {} for k, v in run["stages"].items()}
+    ex, ld, tr, q, p = (s.get(k, {}) for k in STAGES)
+    lines = [
+        f"pre-send sync {run['run_id']}: {run['status'].upper()}"
+        + (f" (failed at {run['failed_stage']})" if run["failed_stage"] else ""),
+        f"  extracted  {ex.get('records', 0):>8} contact records in {ex.get('pages', 0)} pages",
+        f"  loaded     {ld.get('loaded', 0):>8} contacts, {ld.get('rejected', 0)} rejected "
+        f"records (cursor {ld.get('cursor')})",
+        f"  dbt        {tr.get('models_built', 0):>8} models built, "
+        f"{tr.get('tests_passed', 0)} tests passed",
+        f"  quality    {q.get('passed', 0):>8} expectations passed, {q.get('failed', 0)} failed "
+        f"on {q.get('rows', 0)} rows",
+        f"  push       {p.get('pushed', 0):>8} contacts pushed, {p.get('skipped', 0)} skipped "
+        f"(unchanged), {p.get('rejected', 0)} rejected by the ESP",
+    ]
+    return "\n".join(lines)

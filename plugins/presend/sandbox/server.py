@@ -1,0 +1,166 @@
+"""Run the sandbox CRM and ESP on loopback, in a child process that a caller always stops."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import uvicorn
+
+from presend.sandbox import crm, esp
+
+CRM_TOKEN = "sandbox-crm-token"
+ESP_API_KEY = "sandbox-esp-key"
+
+
+def _listen(port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", port))
+    sock.listen(1024)
+    return sock
+
+
+async def _serve(args: argparse.Namespace) -> None:
+    apps = {
+        "crm": crm.create_app(seed=args.seed, size=args.contacts, token=CRM_TOKEN),
+        "esp": esp.create_app(api_key=ESP_API_KEY, state_file=args.esp_state),
+    }
+    ports = {"crm": args.crm_port, "esp": args.esp_port}
+    servers, tasks, urls = [], [], {}
+    for name, app in apps.items():
+        sock = _listen(ports[name])
+        urls[f"{name}_url"] = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off")
+        server = uvicorn.Server(config)
+        servers.append(server)
+        tasks.append(asyncio.create_task(server.serve(sockets=[sock])))
+    while not all(s.started for s in servers):
+        await asyncio.sleep(0.02)
+    tmp = args.ready_file.with_suffix(".tmp")
+    tmp.write_text(json.dumps(urls))
+    tmp.replace(args.ready_file)
+    await asyncio.gather(*tasks)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m presend.sandbox.server")
+    parser.add_argument(
+        "--ready-file",
+        type=Path,
+        required=True,
+        help="written with the servers' URLs once they accept connections",
+    )
+    parser.add_argument("--crm-port", type=int, default=0)
+    parser.add_argument("--esp-port", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--contacts", type=int, default=1000)
+    parser.add_argument(
+        "--esp-state",
+        type=Path,
+        default=None,
+        help="file the sandbox ESP keeps its contacts in between runs",
+    )
+    asyncio.run(_serve(parser.parse_args(argv)))
+
+
+class Sandbox:
+    """The sandbox servers in a child process; use as a context manager so they always stop."""
+
+    def __init__(
+        self,
+        *,
+        seed: int = 42,
+        contacts: int = 1000,
+        esp_state: Path | None = None,
+        crm_port: int = 0,
+        esp_port: int = 0,
+    ) -> None:
+        self.args = [
+            "--seed",
+            str(seed),
+            "--contacts",
+            str(contacts),
+            "--crm-port",
+            str(crm_port),
+            "--esp-port",
+            str(esp_port),
+        ]
+        if esp_state:
+            self.args += ["--esp-state", str(esp_state)]
+        self.proc: subprocess.Popen | None = None
+        self.crm_url = self.esp_url = ""
+
+    def start(self, timeout: float = 60) -> Sandbox:
+        ready = Path(tempfile.mkdtemp(prefix="presend-sandbox-")) / "ready.json"
+        env = os.environ | {"PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "presend.sandbox.server",
+                "--ready-file",
+                str(ready),
+                *self.args,
+            ],
+            env=env,
+        )
+        deadline = time.monotonic() + timeout
+        while not ready.exists():
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"sandbox exited with code {self.proc.returncode}")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise TimeoutError("sandbox servers did not start in time")
+            time.sleep(0.05)
+        urls = json.loads(ready.read_text())
+        self.crm_url, self.esp_url = urls["crm_url"], urls["esp_url"]
+        return self
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def connection_env(self) -> dict[str, str]:
+        """Airflow Connections for the sandbox, as AIRFLOW_CONN_* environment variables."""
+
+        def conn(url: str, secret: str) -> str:
+            host, port = url.removeprefix("http://").split(":")
+            return json.dumps(
+                {
+                    "conn_type": "http",
+                    "host": host,
+                    "port": int(port),
+                    "schema": "http",
+                    "password": secret,
+                }
+            )
+
+        return {
+            "AIRFLOW_CONN_PRESEND_CRM": conn(self.crm_url, CRM_TOKEN),
+            "AIRFLOW_CONN_PRESEND_ESP": conn(self.esp_url, ESP_API_KEY),
+        }
+
+    def __enter__(self) -> Sandbox:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+if __name__ == "__main__":
+    main()

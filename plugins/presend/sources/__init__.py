@@ -1,0 +1,1 @@
+"""Extraction: page bodies from the source APIs into the landing zone, never parsed per record."""

@@ -1,0 +1,88 @@
+"""The transform stage: dbt builds the personalization models inside the warehouse.
+
+dbt runs in its own process: dbt-duckdb keeps its DuckDB handle open for the life of the
+process, which would hold the warehouse's write lock after the build.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from presend import config, settings, warehouse
+
+
+class DbtBuildError(RuntimeError):
+    """dbt could not build or test a model."""
+
+
+@dataclass
+class TransformResult:
+    models_built: int = 0
+    tests_passed: int = 0
+    failures: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def target_dir() -> Path:
+    return settings.data_dir() / "dbt" / "target"
+
+
+def dbt_env() -> dict[str, str]:
+    """Environment dbt runs with: where the warehouse is, where dbt may write, no telemetry."""
+    settings.disable_telemetry()
+    return os.environ | {
+        "PRESEND_WAREHOUSE": str(settings.warehouse_path()),
+        "DBT_PROFILES_DIR": str(settings.DBT_PROJECT_DIR),
+        "DBT_PROJECT_DIR": str(settings.DBT_PROJECT_DIR),
+        "DBT_TARGET_PATH": str(target_dir()),
+        "DBT_LOG_PATH": str(settings.data_dir() / "dbt" / "logs"),
+    }
+
+
+def dbt_vars() -> str:
+    """The dbt vars presend passes: the merge-field defaults from config/presend.yml."""
+    return json.dumps({"merge_field_defaults": config.load().merge_field_defaults})
+
+
+def run_dbt(*args: str) -> subprocess.CompletedProcess:
+    """Run a dbt command with presend's environment and vars; output goes to the task log."""
+    dbt = Path(sys.executable).with_name("dbt")
+    return subprocess.run(
+        [str(dbt), *args, "--vars", dbt_vars()],
+        env=dbt_env(),
+        cwd=settings.DBT_PROJECT_DIR,
+        check=False,
+    )
+
+
+def build() -> TransformResult:
+    """`dbt build` every model and its tests; raise naming each failure."""
+    with warehouse.connect():  # checks the pool and creates the file's folder
+        pass
+    results_file = target_dir() / "run_results.json"
+    results_file.unlink(missing_ok=True)
+    proc = run_dbt("build")
+    if not results_file.exists():
+        raise DbtBuildError(f"dbt build exited with code {proc.returncode} before running")
+    result = TransformResult()
+    for r in json.loads(results_file.read_text())["results"]:
+        kind, name = r["unique_id"].split(".")[0], r["unique_id"].split(".")[-1]
+        if r["status"] in ("success", "pass"):
+            if kind == "model":
+                result.models_built += 1
+            elif kind in ("test", "unit_test"):
+                result.tests_passed += 1
+        elif r["status"] not in ("skipped", "warn"):
+            result.failures.append(f"{kind} {name}: {r['status']} ({r.get('message')})")
+    if proc.returncode != 0 or result.failures:
+        raise DbtBuildError(
+            f"dbt build failed (exit {proc.returncode}): " + "; ".join(result.failures)
+        )
+    return result

@@ -1,0 +1,59 @@
+"""The one way to open the DuckDB warehouse.
+
+DuckDB allows a single read-write process per file, so every Airflow task that opens the
+warehouse read-write must run in the `warehouse` pool (one slot). `connect(read_only=False)`
+checks that when it runs inside an Airflow task, so a mis-wired DAG fails loudly instead of
+racing for the file lock.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import duckdb
+
+from presend import settings
+
+
+class WarehousePoolError(RuntimeError):
+    """A task tried to write the warehouse outside the `warehouse` pool."""
+
+
+def _check_pool() -> None:
+    pool = os.environ.get("PRESEND_TASK_POOL")
+    if pool is None:
+        try:
+            from airflow.sdk import get_current_context
+
+            pool = get_current_context()["ti"].pool
+        except Exception:  # not inside an Airflow task: scripts, tests, dbt
+            return
+    if pool != settings.WAREHOUSE_POOL:
+        raise WarehousePoolError(
+            f"this task opens the warehouse read-write but runs in pool {pool!r}; "
+            f"put it in pool {settings.WAREHOUSE_POOL!r} (DuckDB allows one writer per file)"
+        )
+
+
+@contextmanager
+def connect(read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
+    """Open the warehouse file; read-write only from inside the `warehouse` pool."""
+    path = settings.warehouse_path()
+    if read_only:
+        if not path.exists():
+            raise FileNotFoundError(f"warehouse {path} does not exist yet: run the pipeline first")
+    else:
+        _check_pool()
+        path.parent.mkdir(parents=True, exist_ok=True)
+    con = duckdb.connect(str(path), read_only=read_only)
+    try:
+        yield con
+    finally:
+        con.close()
+
+
+def exists() -> bool:
+    """Whether the warehouse file has been created yet."""
+    return settings.warehouse_path().exists()
