@@ -63,9 +63,19 @@ def prepare_airflow(env: dict[str, str]) -> None:
     marker.write_text(airflow.__version__)
 
 
-def run_sync(env: dict[str, str]) -> int:
-    """One pre-send sync through Airflow (`airflow dags test`); returns its exit code."""
-    return _airflow(env, "dags", "test", DAG_ID, check=False).returncode
+def run_sync(env: dict[str, str], log_file: Path | None = None) -> int:
+    """One pre-send sync through Airflow (`airflow dags test`); returns its exit code.
+
+    With `log_file`, Airflow's output goes there instead of the terminal.
+    """
+    cmd = [str(Path(sys.executable).with_name("airflow")), "dags", "test", DAG_ID]
+    if log_file is None:
+        return subprocess.run(cmd, env=env, check=False).returncode
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    with log_file.open("w") as out:
+        return subprocess.run(
+            cmd, env=env, check=False, stdout=out, stderr=subprocess.STDOUT
+        ).returncode
 
 
 def demo(args: argparse.Namespace) -> int:
@@ -77,13 +87,22 @@ def demo(args: argparse.Namespace) -> int:
     esp_state = settings.data_dir() / "sandbox" / "esp.json"
     with Sandbox(contacts=args.contacts, seed=args.seed, esp_state=esp_state) as sandbox:
         print(f"presend: sandbox CRM {sandbox.crm_url}, ESP {sandbox.esp_url}", flush=True)
-        code = run_sync(env | sandbox.connection_env())
+        log_file = None if args.verbose else settings.data_dir() / "logs" / "demo-sync.log"
+        print(
+            f"presend: running {DAG_ID} through Airflow (airflow dags test)"
+            + (f", log in {log_file}" if log_file else ""),
+            flush=True,
+        )
+        code = run_sync(env | sandbox.connection_env(), log_file)
     run = report.latest() if settings.warehouse_path().exists() else None
     print()
     print(report.summary(run) if run else "presend: no sync run was recorded")
-    if run and run["status"] != "success":
-        code = code or 1
-    return code
+    if code or not run or run["status"] != "success":
+        if log_file:
+            print(f"\npresend: the sync FAILED; the end of {log_file}:")
+            print("\n".join(log_file.read_text().splitlines()[-40:]))
+        return code or 1
+    return 0
 
 
 def airflow_ui(args: argparse.Namespace) -> int:
@@ -122,6 +141,12 @@ def sandbox_serve(args: argparse.Namespace) -> int:
     )
 
 
+def dbt(args: argparse.Namespace) -> int:
+    from presend import transform
+
+    return transform.run_dbt(*args.dbt_args).returncode
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="presend")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -134,9 +159,14 @@ def main(argv: list[str] | None = None) -> int:
         p.set_defaults(func=func)
         p.add_argument("--contacts", type=int, default=1000, help="sandbox CRM size")
         p.add_argument("--seed", type=int, default=42, help="sandbox data seed")
+        if name == "demo":
+            p.add_argument("--verbose", action="store_true", help="show Airflow's output")
         if name == "sandbox":
             p.add_argument("--ready-file", type=Path, default=Path("sandbox-ready.json"))
             p.add_argument("--crm-port", type=int, default=8081)
             p.add_argument("--esp-port", type=int, default=8082)
+    p = sub.add_parser("dbt", help="run dbt with presend's warehouse and merge-field vars")
+    p.set_defaults(func=dbt)
+    p.add_argument("dbt_args", nargs=argparse.REMAINDER, help="dbt command and options")
     args = parser.parse_args(argv)
     return args.func(args)

@@ -40,7 +40,13 @@ def build_models() -> dict:
 
 def gate_merge_fields() -> dict:
     """The Great Expectations checkpoint; fails the task when a critical check fails."""
-    return quality.gate().to_dict()
+    from airflow.sdk.exceptions import AirflowFailException
+
+    try:
+        return quality.gate().to_dict()
+    except quality.QualityGateError as exc:
+        # Retrying cannot fix the data this run has: fail now, without retries.
+        raise AirflowFailException(str(exc)) from exc
 
 
 def push_merge_fields() -> dict:

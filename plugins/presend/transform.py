@@ -52,14 +52,22 @@ def dbt_vars() -> str:
 
 
 def run_dbt(*args: str) -> subprocess.CompletedProcess:
-    """Run a dbt command with presend's environment and vars; output goes to the task log."""
+    """Run a dbt command with presend's environment and vars.
+
+    Its output is echoed (into the task log) and kept in the result's `stdout`.
+    """
     dbt = Path(sys.executable).with_name("dbt")
-    return subprocess.run(
+    proc = subprocess.run(
         [str(dbt), *args, "--vars", dbt_vars()],
         env=dbt_env(),
         cwd=settings.DBT_PROJECT_DIR,
         check=False,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
+    print(proc.stdout, end="", flush=True)
+    return proc
 
 
 def build() -> TransformResult:
@@ -70,7 +78,8 @@ def build() -> TransformResult:
     results_file.unlink(missing_ok=True)
     proc = run_dbt("build")
     if not results_file.exists():
-        raise DbtBuildError(f"dbt build exited with code {proc.returncode} before running")
+        tail = "\n".join(proc.stdout.strip().splitlines()[-12:])
+        raise DbtBuildError(f"dbt build exited with code {proc.returncode}:\n{tail}")
     result = TransformResult()
     for r in json.loads(results_file.read_text())["results"]:
         kind, name = r["unique_id"].split(".")[0], r["unique_id"].split(".")[-1]

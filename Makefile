@@ -1,0 +1,56 @@
+# presend: `make demo` runs the whole pre-send sync once; `make test` runs the tests.
+# Everything installs from uv.lock into .venv on first use (only Python 3.11 is needed).
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+UV_VERSION := 0.13.8
+UV := .tools/bin/uv
+VENV := .venv
+RUN := PYTHONPATH=plugins $(VENV)/bin/python
+# sqlfluff compiles the dbt project; it needs a warehouse path but no data.
+SQLFLUFF := mkdir -p data && PRESEND_WAREHOUSE=data/sqlfluff.duckdb DBT_SEND_ANONYMOUS_USAGE_STATS=false \
+	DBT_VERSION_CHECK=false $(VENV)/bin/sqlfluff
+
+export UV_PYTHON_DOWNLOADS := never
+export UV_PROJECT_ENVIRONMENT := $(VENV)
+
+.PHONY: demo test airflow sandbox dbt lint format venv clean
+
+demo: $(VENV)/.synced  ## run the whole pre-send sync once against the sandbox
+	$(RUN) -m presend demo
+
+test: $(VENV)/.synced  ## lint, then every test
+	$(VENV)/bin/ruff check .
+	$(SQLFLUFF) lint dbt_project
+	$(VENV)/bin/python -m pytest
+
+airflow: $(VENV)/.synced  ## the Airflow UI on http://localhost:8080 with the sandbox running
+	$(RUN) -m presend airflow
+
+sandbox: $(VENV)/.synced  ## the sandbox CRM (:8081) and ESP (:8082) in the foreground
+	$(RUN) -m presend sandbox
+
+dbt: $(VENV)/.synced  ## dbt with presend's vars and warehouse, e.g. make dbt ARGS="build"
+	$(RUN) -m presend dbt $(ARGS)
+
+lint: $(VENV)/.synced
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(SQLFLUFF) lint dbt_project
+
+format: $(VENV)/.synced
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+	$(SQLFLUFF) fix dbt_project
+
+venv: $(VENV)/.synced
+
+$(UV):
+	$(PYTHON) -m venv .tools
+	.tools/bin/pip install --quiet uv==$(UV_VERSION)
+
+$(VENV)/.synced: pyproject.toml uv.lock | $(UV)
+	$(UV) sync --frozen --python $(PYTHON)
+	touch $@
+
+clean:  ## remove the local Airflow home, warehouse and landing zone (not the venv)
+	rm -rf airflow_home data

@@ -1,0 +1,52 @@
+"""Shared fixtures: a private data dir per test and the sandbox servers on loopback."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+# Before anything imports Airflow: a throwaway AIRFLOW_HOME, never the user's ~/airflow.
+os.environ["AIRFLOW_HOME"] = tempfile.mkdtemp(prefix="presend-test-airflow-")
+os.environ["AIRFLOW__CORE__LOAD_EXAMPLES"] = "False"
+
+import pytest  # noqa: E402
+
+from presend import settings  # noqa: E402
+from presend.sandbox.server import CRM_TOKEN, ESP_API_KEY, Sandbox  # noqa: E402
+
+settings.disable_telemetry()
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """PRESEND_DATA_DIR in a temporary folder: a fresh warehouse and landing zone."""
+    path = tmp_path / "data"
+    monkeypatch.setenv("PRESEND_DATA_DIR", str(path))
+    monkeypatch.delenv("PRESEND_WAREHOUSE", raising=False)
+    # Outside Airflow, say which pool we would be in, as a task in the warehouse pool does.
+    monkeypatch.setenv("PRESEND_TASK_POOL", settings.WAREHOUSE_POOL)
+    return path
+
+
+@pytest.fixture
+def sandbox(tmp_path: Path):
+    """Sandbox CRM (1,000 contacts) and ESP, started for one test and always stopped."""
+    with Sandbox(contacts=1000, seed=7, esp_state=tmp_path / "esp.json") as sb:
+        yield sb
+
+
+@pytest.fixture
+def crm_connection(sandbox):
+    from presend.sources.crm import CrmConnection
+
+    return CrmConnection(sandbox.crm_url, CRM_TOKEN)
+
+
+@pytest.fixture
+def sendgrid(sandbox):
+    from presend.esp.sendgrid import SendGrid
+
+    return SendGrid(sandbox.esp_url, ESP_API_KEY, poll_interval=0.01)
