@@ -10,10 +10,10 @@ from pathlib import Path
 os.environ["AIRFLOW_HOME"] = tempfile.mkdtemp(prefix="presend-test-airflow-")
 os.environ["AIRFLOW__CORE__LOAD_EXAMPLES"] = "False"
 
-import pytest  # noqa: E402
+import pytest
 
-from presend import settings  # noqa: E402
-from presend.sandbox.server import CRM_TOKEN, ESP_API_KEY, Sandbox  # noqa: E402
+from presend import settings
+from presend.sandbox.server import CRM_TOKEN, ESP_API_KEY, Sandbox
 
 settings.disable_telemetry()
 
