@@ -50,3 +50,13 @@ def sendgrid(sandbox):
     from presend.esp.sendgrid import SendGrid
 
     return SendGrid(sandbox.esp_url, ESP_API_KEY, poll_interval=0.01)
+
+
+@pytest.fixture(scope="session")
+def migrated_airflow_home(tmp_path_factory) -> Path:
+    """An AIRFLOW_HOME with migrated SQLite metadata and the pool, made once per session."""
+    from presend import cli
+
+    home = tmp_path_factory.mktemp("airflow_home")
+    cli.prepare_airflow(cli.airflow_env(home))
+    return home

@@ -19,14 +19,6 @@ from presend.sandbox.crm import EPOCH, make_contact
 NETGUARD = Path(__file__).parent / "netguard"
 
 
-@pytest.fixture(scope="session")
-def migrated_airflow_home(tmp_path_factory) -> Path:
-    """An AIRFLOW_HOME with migrated SQLite metadata and the pool, made once per session."""
-    home = tmp_path_factory.mktemp("airflow_home")
-    cli.prepare_airflow(cli.airflow_env(home))
-    return home
-
-
 @pytest.fixture
 def airflow_run(tmp_path, data_dir, monkeypatch, migrated_airflow_home):
     """Run the presend_sync DAG once; returns (exit code, log text)."""

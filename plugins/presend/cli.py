@@ -28,6 +28,8 @@ def airflow_env(airflow_home: Path | None = None) -> dict[str, str]:
         "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
         "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "True",
         "PYTHONPATH": pythonpath,
+        # `airflow standalone` starts its components as `airflow …` found on PATH.
+        "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
         "PRESEND_DATA_DIR": str(settings.data_dir()),
     }
 

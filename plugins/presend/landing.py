@@ -1,20 +1,24 @@
-"""The landing zone: immutable page bodies, one folder per stream and run."""
+"""The landing zone: immutable page bodies, one folder per stream and extract attempt."""
 
 from __future__ import annotations
 
 import re
-import shutil
+import uuid
+from datetime import UTC, datetime
 from pathlib import Path
 
 from presend import settings
 
 
 def run_dir(stream: str, run_id: str) -> Path:
-    """A fresh folder for one extract run of one stream (a rerun starts it over)."""
+    """A new folder for one extract attempt of one stream.
+
+    Every attempt (a retry, a cleared and rerun task) gets its own folder, so landed files are
+    never overwritten and the loader's record of loaded files stays true.
+    """
     safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", run_id)
-    path = settings.landing_dir() / stream / safe
-    if path.exists():
-        shutil.rmtree(path)
+    attempt = f"{datetime.now(UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
+    path = settings.landing_dir() / stream / safe / attempt
     path.mkdir(parents=True)
     return path
 

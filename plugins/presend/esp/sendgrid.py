@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from urllib.parse import urljoin
 
@@ -76,8 +77,14 @@ class SendGrid:
         return rec
 
     def send(self, batch: list[tuple[str, dict]]) -> BatchOutcome:
+        # Compact JSON: push.batches() sizes batches by compact bytes, so the body on the
+        # wire must be serialised the same way to stay within max_batch_bytes.
+        body = json.dumps({"contacts": [rec for _, rec in batch]}, separators=(",", ":"))
         job_id = self._call(
-            "PUT", "/v3/marketing/contacts", json={"contacts": [rec for _, rec in batch]}
+            "PUT",
+            "/v3/marketing/contacts",
+            data=body.encode(),
+            headers={"Content-Type": "application/json"},
         )["job_id"]
         job = self._wait(job_id)
         by_email = {rec["email"]: cid for cid, rec in batch}
