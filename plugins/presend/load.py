@@ -1,29 +1,24 @@
-"""Bulk load of landed pages into the warehouse's raw tables.
+"""Bulk load of landed pages into the warehouse's raw tables, for any declared stream.
 
-DuckDB reads every landed page of a run at once (`read_json`), the records are merged on the
-primary key, and the stream's cursor moves in the same transaction as the rows, so a crash
-either keeps both or neither. Records that cannot be loaded go to `raw.rejects` with the
-reason and the landing file they came from.
+DuckDB reads the landed pages at once (`read_json`), the records are merged on the primary key,
+and the stream's cursor moves in the same transaction as the rows, so a crash keeps both or
+neither. Records that cannot be loaded go to `raw.rejects` with the reason and the landing file
+they came from. Fields a vendor adds later stay in the JSON payload. A page already loaded
+(`raw.load_log`) is skipped, so reloading is a no-op.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass
 
 import duckdb
 
-from presend import warehouse
+from presend import sources, warehouse
+from presend.sources.extract import Stream
 
-SCHEMA_SQL = """
+STATE_SQL = """
 create schema if not exists raw;
-create table if not exists raw.crm_contacts (
-    id varchar primary key,
-    lastmodifieddate timestamp not null,
-    archived boolean,
-    properties json,
-    _landing_file varchar not null,
-    _loaded_at timestamp not null
-);
 create table if not exists raw.sync_state (
     stream varchar primary key,
     cursor_value timestamp not null,
@@ -44,55 +39,9 @@ create table if not exists raw.rejects (
 );
 """
 
-# One row per landed record, with the reason it cannot be loaded (null when it can).
-CONTACT_RECORDS_SQL = """
-create or replace temp table landed as
-with pages as (
-    select filename as landing_file, unnest(results) as rec
-    from read_json($files, columns = {results: 'JSON[]'}, filename = true, format = 'auto')
-),
-parsed as (
-    select
-        landing_file,
-        rec,
-        rec ->> 'id' as id,
-        try_cast(replace(rec -> 'properties' ->> 'lastmodifieddate', 'Z', '') as timestamp)
-            as lastmodifieddate,
-        try_cast(rec ->> 'archived' as boolean) as archived,
-        rec -> 'properties' as properties
-    from pages
-)
-select
-    *,
-    case
-        when json_type(rec) <> 'OBJECT' then 'record is not a JSON object'
-        when nullif(trim(id), '') is null then 'missing primary key id'
-        when json_type(properties) <> 'OBJECT' then 'properties is not a JSON object'
-        when lastmodifieddate is null then 'lastmodifieddate missing or not a timestamp'
-    end as reject_reason
-from parsed
-"""
-
-MERGE_CONTACTS_SQL = """
-merge into raw.crm_contacts as t
-using (
-    select * from landed
-    where reject_reason is null
-    qualify row_number() over (
-        partition by id order by lastmodifieddate desc, landing_file desc
-    ) = 1
-) as s
-on t.id = s.id
-when matched and s.lastmodifieddate >= t.lastmodifieddate then update set
-    lastmodifieddate = s.lastmodifieddate,
-    archived = s.archived,
-    properties = s.properties,
-    _landing_file = s.landing_file,
-    _loaded_at = now()::timestamp
-when not matched then insert values (
-    s.id, s.lastmodifieddate, s.archived, s.properties, s.landing_file, now()::timestamp
-)
-"""
+# Landed JSON per transaction: bounds memory on big first loads; each batch moves the cursor
+# only past pages that precede the next batch, so a crash between batches loses nothing.
+BATCH_BYTES = int(os.environ.get("PRESEND_LOAD_BATCH_BYTES", 512 * 1024 * 1024))
 
 
 @dataclass
@@ -108,8 +57,88 @@ class LoadResult:
         return asdict(self)
 
 
+def table_sql(stream: Stream) -> str:
+    cols = ",\n    ".join(f"{c.name} {c.type}" for c in stream.columns)
+    return f"""
+create table if not exists raw.{stream.name} (
+    id varchar primary key,
+    {stream.cursor} timestamp not null,
+    {cols},
+    _landing_file varchar not null,
+    _loaded_at timestamp not null
+);
+"""
+
+
 def ensure_schema(con: duckdb.DuckDBPyConnection) -> None:
-    con.execute(SCHEMA_SQL)
+    """The raw schema: every declared stream's table and the load bookkeeping."""
+    con.execute(STATE_SQL)
+    for stream in sources.STREAMS.values():
+        con.execute(table_sql(stream))
+
+
+def _json_path(path: list[str]) -> str:
+    return "$." + ".".join(f'"{p}"' for p in path)
+
+
+def landed_sql(stream: Stream) -> str:
+    """One row per landed record, with the reason it cannot be loaded (null when it can)."""
+    payload = ",\n        ".join(f"{c.sql} as {c.name}" for c in stream.columns)
+    checks = "\n        ".join(f"when {cond} then '{reason}'" for cond, reason in stream.checks)
+    key, cursor = stream.primary_key, stream.cursor
+    return f"""
+create or replace temp table landed as
+with pages as (
+    select filename as landing_file, unnest({stream.records_key}) as rec
+    from read_json(
+        $files, columns = {{{stream.records_key}: 'JSON[]'}}, filename = true, format = 'auto'
+    )
+),
+parsed as (
+    select
+        landing_file,
+        rec,
+        json_type(rec) as rec_type,
+        json_type(rec -> '{key}') as id_type,
+        rec ->> '{key}' as id,
+        timezone('UTC', try_cast(rec ->> '{_json_path(stream.cursor_path)}' as timestamptz))
+            as {cursor},
+        {payload}
+    from pages
+)
+select
+    * exclude (rec_type, id_type),
+    case
+        when rec_type is distinct from 'OBJECT' then 'record is not a JSON object'
+        when nullif(trim(id), '') is null then 'missing primary key {key}'
+        when id_type not in ('VARCHAR', 'UBIGINT', 'BIGINT')
+            then 'primary key {key} is not a string or an integer'
+        {checks}
+        when {cursor} is null then '{cursor} missing or not a timestamp'
+    end as reject_reason
+from parsed
+"""
+
+
+def merge_sql(stream: Stream) -> str:
+    names = [c.name for c in stream.columns]
+    cursor = stream.cursor
+    sets = ",\n    ".join(f"{n} = s.{n}" for n in [cursor, *names])
+    values = ", ".join(f"s.{n}" for n in ["id", cursor, *names])
+    return f"""
+merge into raw.{stream.name} as t
+using (
+    select * from landed
+    where reject_reason is null
+    qualify row_number() over (partition by id order by {cursor} desc, landing_file desc) = 1
+) as s
+on t.id = s.id
+when matched and s.{cursor} >= t.{cursor} then update set
+    {sets},
+    _landing_file = s.landing_file,
+    _loaded_at = now()::timestamp
+when not matched then insert values ({values}, s.landing_file, now()::timestamp)
+"""
 
 
 def read_cursor(stream: str) -> str | None:
@@ -117,22 +146,91 @@ def read_cursor(stream: str) -> str | None:
     if not warehouse.exists():
         return None
     with warehouse.connect(read_only=True) as con:
-        if not con.execute(
-            "select 1 from information_schema.tables "
-            "where table_schema = 'raw' and table_name = 'sync_state'"
-        ).fetchone():
-            return None
-        row = con.execute(
-            "select strftime(cursor_value, '%Y-%m-%dT%H:%M:%S.%gZ') from raw.sync_state "
-            "where stream = ?",
-            [stream],
-        ).fetchone()
+        return _cursor(con, stream)
+
+
+def _cursor(con: duckdb.DuckDBPyConnection, stream: str) -> str | None:
+    if not con.execute(
+        "select 1 from information_schema.tables "
+        "where table_schema = 'raw' and table_name = 'sync_state'"
+    ).fetchone():
+        return None
+    row = con.execute(
+        "select strftime(cursor_value, '%Y-%m-%dT%H:%M:%S.%gZ') from raw.sync_state "
+        "where stream = ?",
+        [stream],
+    ).fetchone()
     return row[0] if row else None
 
 
-def load_contacts(stream: str, files: list[str]) -> LoadResult:
-    """Merge landed contact pages into raw.crm_contacts; skip files loaded before."""
+def _batches(files: list[str]) -> list[list[str]]:
+    out: list[list[str]] = [[]]
+    size = 0
+    for f in files:
+        n = os.path.getsize(f)
+        if out[-1] and size + n > BATCH_BYTES:
+            out.append([])
+            size = 0
+        out[-1].append(f)
+        size += n
+    return out
+
+
+def _load_batch(con: duckdb.DuckDBPyConnection, stream: Stream, files: list[str]) -> tuple:
+    con.execute("begin")
+    try:
+        con.execute(landed_sql(stream), {"files": files})
+        records, rejected, loaded = con.execute(
+            "select count(*), count(reject_reason), "
+            "count(distinct id) filter (where reject_reason is null) from landed"
+        ).fetchone()
+        con.execute(
+            "insert into raw.rejects select ?, landing_file, rec, reject_reason, "
+            "now()::timestamp from landed where reject_reason is not null",
+            [stream.name],
+        )
+        con.execute(merge_sql(stream))
+        _commit_cursor(con, stream)
+        con.execute(
+            "insert into raw.load_log select landing_file, $stream, count(*), now()::timestamp "
+            "from landed group by landing_file",
+            {"stream": stream.name},
+        )
+        # A page without records still counts as loaded.
+        con.execute(
+            "insert into raw.load_log select f, $stream, 0, now()::timestamp "
+            "from unnest($files::varchar[]) as t(f) "
+            "where f not in (select landing_file from raw.load_log)",
+            {"stream": stream.name, "files": files},
+        )
+        con.execute("commit")
+    except BaseException:
+        con.execute("rollback")
+        raise
+    return records, loaded, rejected
+
+
+def _commit_cursor(con: duckdb.DuckDBPyConnection, stream: Stream) -> None:
+    con.execute(
+        f"""
+        insert into raw.sync_state
+        select $stream, max({stream.cursor}), now()::timestamp
+        from landed where reject_reason is null
+        having count(*) > 0
+        on conflict (stream) do update set
+            cursor_value = greatest(sync_state.cursor_value, excluded.cursor_value),
+            updated_at = excluded.updated_at
+        """,
+        {"stream": stream.name},
+    )
+
+
+def load_stream(stream: Stream | str, files: list[str]) -> LoadResult:
+    """Merge a stream's landed pages into raw.<stream>; skip pages loaded before."""
+    if isinstance(stream, str):
+        stream = sources.get(stream)
     with warehouse.connect() as con:
+        con.execute("set TimeZone = 'UTC'")
         ensure_schema(con)
         done = {
             r[0]
@@ -143,41 +241,15 @@ def load_contacts(stream: str, files: list[str]) -> LoadResult:
             ).fetchall()
         }
         todo = [f for f in files if f not in done]
-        if not todo:
-            return LoadResult(stream, 0, 0, 0, 0, None)
-        con.execute("begin")
-        try:
-            con.execute(CONTACT_RECORDS_SQL, {"files": todo})
-            records, rejected, loaded_ids = con.execute(
-                "select count(*), count(reject_reason), "
-                "count(distinct id) filter (where reject_reason is null) from landed"
-            ).fetchone()
-            con.execute(
-                "insert into raw.rejects select ?, landing_file, rec, reject_reason, "
-                "now()::timestamp from landed where reject_reason is not null",
-                [stream],
-            )
-            con.execute(MERGE_CONTACTS_SQL)
-            con.execute(
-                """
-                insert into raw.sync_state
-                select $stream, max(lastmodifieddate), now()::timestamp
-                from landed where reject_reason is null
-                having count(*) > 0
-                on conflict (stream) do update set
-                    cursor_value = greatest(sync_state.cursor_value, excluded.cursor_value),
-                    updated_at = excluded.updated_at
-                """,
-                {"stream": stream},
-            )
-            con.execute(
-                "insert into raw.load_log select f, $stream, "
-                "(select count(*) from landed where landing_file = f), now()::timestamp "
-                "from unnest($files::varchar[]) as t(f)",
-                {"stream": stream, "files": todo},
-            )
-            con.execute("commit")
-        except Exception:
-            con.execute("rollback")
-            raise
-    return LoadResult(stream, len(todo), records, loaded_ids, rejected, read_cursor(stream))
+        totals = [0, 0, 0]
+        for batch in _batches(todo) if todo else []:
+            for k, n in enumerate(_load_batch(con, stream, batch)):
+                totals[k] += n
+        cursor = _cursor(con, stream.name)
+    records, loaded, rejected = totals
+    return LoadResult(stream.name, len(todo), records, loaded, rejected, cursor if todo else None)
+
+
+def load_contacts(stream: str, files: list[str]) -> LoadResult:
+    """Merge landed CRM contact pages into raw.crm_contacts (the contacts stream's load)."""
+    return load_stream(stream, files)

@@ -16,6 +16,8 @@ from datetime import UTC, datetime, timedelta
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
+from presend.sandbox.faults import Faults, malformed_records
+
 SEARCH_RESULT_CAP = 10_000
 MAX_PAGE_SIZE = 200
 EPOCH = datetime(2026, 1, 1, tzinfo=UTC)
@@ -152,10 +154,11 @@ def _error(status: int, message: str, category: str) -> JSONResponse:
 
 
 def create_app(seed: int = 42, size: int = 1000, token: str = "sandbox-crm-token") -> FastAPI:
-    """The CRM app; `app.state.crm` holds the data for tests."""
+    """The CRM app; `app.state.crm` holds the data and `app.state.faults` the faults."""
     app = FastAPI(title="presend sandbox CRM (HubSpot CRM v3 shape)")
     state = CrmState(seed=seed, size=size, token=token)
-    app.state.crm = state
+    faults = Faults()
+    app.state.crm, app.state.faults = state, faults
 
     @app.post("/crm/v3/objects/contacts/search")
     async def search(request: Request):
@@ -178,6 +181,10 @@ def create_app(seed: int = 42, size: int = 1000, token: str = "sandbox-crm-token
                 if f.get("propertyName") == "lastmodifieddate" and f.get("operator") == "GTE":
                     since = _parse_ts(str(f["value"]))
         total, page = state.search(since, offset, min(limit, SEARCH_RESULT_CAP - offset))
+        repeated = 0
+        if offset and faults.take("duplicate"):
+            repeated = 1  # the previous page's last contact again, as a shifted offset repeats
+            page = state.search(since, offset - 1, 1)[1] + page
         wanted = body.get("properties") or []
         results = []
         for c in page:
@@ -196,10 +203,18 @@ def create_app(seed: int = 42, size: int = 1000, token: str = "sandbox-crm-token
                     "archived": False,
                 }
             )
+        if faults.take("added_field"):
+            for r in results:
+                r["properties"] = r["properties"] | {"hs_analytics_source": "ORGANIC_SEARCH"}
+        if faults.take("malformed") and results:
+            results += malformed_records("id", ["properties", "lastmodifieddate"], results[0])
         out: dict = {"total": total, "results": results}
-        nxt = offset + len(page)
+        nxt = offset + len(page) - repeated
         if nxt < total and page:
             out["paging"] = {"next": {"after": str(nxt)}}
+        fault = faults.take("update_while_paging")
+        if fault:
+            state.advance(float(fault.get("share", 0.05)), hours=1 / 3600)
         return out
 
     @app.post("/_sandbox/advance")
@@ -208,4 +223,5 @@ def create_app(seed: int = 42, size: int = 1000, token: str = "sandbox-crm-token
         changed = state.advance(float(body.get("share", 0.1)), float(body.get("hours", 1)))
         return {"changed": changed, "clock": _iso(state.clock)}
 
+    faults.install(app)
     return app

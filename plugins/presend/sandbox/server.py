@@ -1,4 +1,5 @@
-"""Run the sandbox CRM and ESP on loopback, in a child process that a caller always stops."""
+"""Run the sandbox APIs (CRM, shop, events, ESP) on loopback, in a child process that a caller
+always stops."""
 
 from __future__ import annotations
 
@@ -16,10 +17,12 @@ from pathlib import Path
 
 import uvicorn
 
-from presend.sandbox import crm, esp
+from presend.sandbox import crm, esp, events, shop
 
 CRM_TOKEN = "sandbox-crm-token"
 ESP_API_KEY = "sandbox-esp-key"
+SHOP_TOKEN = "sandbox-shop-token"
+EVENTS_TOKEN = "sandbox-events-token"
 
 
 def _listen(port: int) -> socket.socket:
@@ -34,8 +37,27 @@ async def _serve(args: argparse.Namespace) -> None:
     apps = {
         "crm": crm.create_app(seed=args.seed, size=args.contacts, token=CRM_TOKEN),
         "esp": esp.create_app(api_key=ESP_API_KEY, state_file=args.esp_state),
+        "shop": shop.create_app(
+            seed=args.seed,
+            products=args.products,
+            orders=args.orders,
+            contacts=args.contacts,
+            token=SHOP_TOKEN,
+        ),
+        "events": events.create_app(
+            seed=args.seed,
+            events=args.events,
+            contacts=args.contacts,
+            products=args.products,
+            token=EVENTS_TOKEN,
+        ),
     }
-    ports = {"crm": args.crm_port, "esp": args.esp_port}
+    ports = {
+        "crm": args.crm_port,
+        "esp": args.esp_port,
+        "shop": args.shop_port,
+        "events": args.events_port,
+    }
     servers, tasks, urls = [], [], {}
     for name, app in apps.items():
         sock = _listen(ports[name])
@@ -62,8 +84,13 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--crm-port", type=int, default=0)
     parser.add_argument("--esp-port", type=int, default=0)
+    parser.add_argument("--shop-port", type=int, default=0)
+    parser.add_argument("--events-port", type=int, default=0)
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--contacts", type=int, default=1000)
+    parser.add_argument("--products", type=int, default=200)
+    parser.add_argument("--orders", type=int, default=2000)
+    parser.add_argument("--events", type=int, default=20_000)
     parser.add_argument(
         "--esp-state",
         type=Path,
@@ -84,6 +111,11 @@ class Sandbox:
         esp_state: Path | None = None,
         crm_port: int = 0,
         esp_port: int = 0,
+        products: int = 200,
+        orders: int = 2000,
+        events: int = 20_000,
+        shop_port: int = 0,
+        events_port: int = 0,
     ) -> None:
         self.args = [
             "--seed",
@@ -94,11 +126,21 @@ class Sandbox:
             str(crm_port),
             "--esp-port",
             str(esp_port),
+            "--products",
+            str(products),
+            "--orders",
+            str(orders),
+            "--events",
+            str(events),
+            "--shop-port",
+            str(shop_port),
+            "--events-port",
+            str(events_port),
         ]
         if esp_state:
             self.args += ["--esp-state", str(esp_state)]
         self.proc: subprocess.Popen | None = None
-        self.crm_url = self.esp_url = ""
+        self.crm_url = self.esp_url = self.shop_url = self.events_url = ""
 
     def start(self, timeout: float = 60) -> Sandbox:
         ready = Path(tempfile.mkdtemp(prefix="presend-sandbox-")) / "ready.json"
@@ -124,6 +166,7 @@ class Sandbox:
             time.sleep(0.05)
         urls = json.loads(ready.read_text())
         self.crm_url, self.esp_url = urls["crm_url"], urls["esp_url"]
+        self.shop_url, self.events_url = urls["shop_url"], urls["events_url"]
         return self
 
     def stop(self) -> None:
@@ -153,6 +196,8 @@ class Sandbox:
         return {
             "AIRFLOW_CONN_PRESEND_CRM": conn(self.crm_url, CRM_TOKEN),
             "AIRFLOW_CONN_PRESEND_ESP": conn(self.esp_url, ESP_API_KEY),
+            "AIRFLOW_CONN_PRESEND_SHOP": conn(self.shop_url, SHOP_TOKEN),
+            "AIRFLOW_CONN_PRESEND_EVENTS": conn(self.events_url, EVENTS_TOKEN),
         }
 
     def __enter__(self) -> Sandbox:
