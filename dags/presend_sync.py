@@ -1,4 +1,4 @@
-"""Pre-send sync: CRM contacts -> landing -> DuckDB -> dbt -> quality gate -> ESP.
+"""Pre-send sync: sources (CRM, shop, events) -> landing -> DuckDB -> dbt -> quality gate -> ESP.
 
 Every task that opens the DuckDB warehouse read-write runs in the `warehouse` pool (one slot);
 HTTP extraction runs outside it.
@@ -8,7 +8,7 @@ from datetime import datetime, timedelta
 
 from airflow.sdk import dag, task
 
-from presend import alerts, pipeline
+from presend import alerts, pipeline, sources
 from presend.settings import WAREHOUSE_POOL
 
 
@@ -29,9 +29,13 @@ def warehouse_task(func):
     doc_md=__doc__,
 )
 def presend_sync():
-    cursor = warehouse_task(pipeline.read_crm_cursor)()
-    extracted = task(pipeline.extract_crm_contacts)(cursor)
-    loaded = warehouse_task(pipeline.load_crm_contacts)(extracted)
+    plan = warehouse_task(pipeline.plan_streams)()
+    loaded = [
+        warehouse_task(pipeline.load_stream).override(task_id=f"load_{stream}")(
+            task(pipeline.extract_stream).override(task_id=f"extract_{stream}")(plan, stream)
+        )
+        for stream in sources.STREAMS
+    ]
     built = warehouse_task(pipeline.build_models)()
     gated = warehouse_task(pipeline.gate_merge_fields)()
     pushed = warehouse_task(pipeline.push_merge_fields)()

@@ -11,8 +11,8 @@ from presend import settings
 # Tasks that open the DuckDB warehouse read-write (see presend.warehouse.connect).
 WAREHOUSE_WRITERS = {
     "presend_sync": {
-        "read_crm_cursor",
-        "load_crm_contacts",
+        *("plan_streams", "load_crm_contacts", "load_shop_orders", "load_shop_products"),
+        "load_events",
         "build_models",
         "gate_merge_fields",
         "push_merge_fields",

@@ -5,10 +5,10 @@ Every function returns a small JSON-able dict (its XCom), never rows or PII.
 
 from __future__ import annotations
 
-from presend import config, load, quality, report, settings, transform
+from presend import config, load, quality, report, settings, sources, transform
 from presend import push as push_stage
 from presend.esp.sendgrid import SendGrid
-from presend.sources import crm
+from presend.sources.extract import SourceConnection, extract
 
 
 def _run_id() -> str:
@@ -17,20 +17,37 @@ def _run_id() -> str:
     return get_current_context()["run_id"]
 
 
-def read_crm_cursor() -> dict:
-    """The committed cursor of the CRM contacts stream (None before the first load)."""
-    return {"stream": crm.STREAM, "cursor": load.read_cursor(crm.STREAM)}
+def plan_streams() -> list[dict]:
+    """Each source stream's committed cursor (None before its first load), for its extract."""
+    return [{"stream": name, "cursor": load.read_cursor(name)} for name in sources.STREAMS]
 
 
-def extract_crm_contacts(cursor: dict) -> dict:
-    """CRM contacts modified since the cursor, into the landing zone."""
-    conn = crm.CrmConnection.from_airflow(settings.CRM_CONN_ID)
-    return crm.extract_contacts(conn, cursor["cursor"], _run_id()).to_dict()
+def extract_stream(plan: dict | list[dict], stream: str | None = None) -> dict:
+    """One stream's records since its cursor, into the landing zone (HTTP, outside the pool).
+
+    `plan` is the stream's entry of `plan_streams`, or all of it with `stream` naming one.
+    """
+    if stream is not None:
+        plan = next(p for p in plan if p["stream"] == stream)
+    definition = sources.get(plan["stream"])
+    conn = SourceConnection.from_airflow(definition.conn_id)
+    return extract(definition, conn, plan["cursor"], _run_id()).to_dict()
 
 
-def load_crm_contacts(extracted: dict) -> dict:
-    """Landed contact pages into raw.crm_contacts, with the cursor."""
-    return load.load_contacts(extracted["stream"], extracted["files"]).to_dict()
+def load_stream(extracted: dict) -> dict:
+    """A stream's landed pages into its raw table, with its cursor, in one transaction."""
+    return load.load_stream(extracted["stream"], extracted["files"]).to_dict()
+
+
+def publish_raw(loaded: list[dict]) -> dict:
+    """Mark the raw tables updated (the `presend_raw` asset event), with counts per stream."""
+    from airflow.sdk import get_current_context
+
+    from presend.assets import RAW
+
+    summary = {r["stream"]: {k: r[k] for k in ("loaded", "rejected", "cursor")} for r in loaded}
+    get_current_context()["outlet_events"][RAW].extra = summary
+    return summary
 
 
 def build_models() -> dict:
