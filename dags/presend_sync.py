@@ -6,7 +6,7 @@ HTTP extraction runs outside it.
 
 from datetime import datetime, timedelta
 
-from airflow.sdk import dag, task
+from airflow.sdk import Param, dag, task
 
 from presend import alerts, pipeline, sources
 from presend.settings import WAREHOUSE_POOL
@@ -27,6 +27,8 @@ def warehouse_task(func):
     default_args={"owner": "data-engineering", "retries": 2, "retry_delay": timedelta(seconds=30)},
     on_failure_callback=alerts.on_dag_failure,
     doc_md=__doc__,
+    # dry_run: the push task prints what it would send and calls no ESP write endpoint.
+    params={"dry_run": Param(False, type="boolean", description="preview the push only")},
 )
 def presend_sync():
     plan = warehouse_task(pipeline.plan_streams)()

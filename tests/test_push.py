@@ -11,6 +11,7 @@ import pytest
 import requests
 
 from presend import push, warehouse
+from presend.esp import Change
 from presend.esp.sendgrid import SendGrid
 from presend.sandbox.crm import FIRST_NAMES, TIERS
 from presend.sandbox.esp import FIELD_MAX_LENGTH
@@ -43,6 +44,10 @@ def make_row(i: int, **values: str) -> dict:
         json.dumps([row[f] for f in MERGE_FIELDS]).encode()
     ).hexdigest()
     return row
+
+
+def fields_of(row: dict) -> dict[str, str]:
+    return {f: row[f] for f in MERGE_FIELDS}
 
 
 def write_merge_fields(rows: list[dict]) -> None:
@@ -299,7 +304,10 @@ def test_request_bodies_on_the_wire_stay_within_the_batch_limits(data_dir, sandb
     write_merge_fields(rows)
     probe = SendGrid(sandbox.esp_url, ESP_API_KEY)
     probe.field_ids = {"LOYALTY_TIER": "e1_T"}  # only to size records as the adapter builds them
-    records = [(r["contact_id"], probe.record(r)) for r in rows]
+    records = [
+        (r["contact_id"], probe.record(Change(r["contact_id"], r["EMAIL"], fields_of(r))))
+        for r in rows
+    ]
     max_bytes = body_bytes(records[:15])  # room for about 15 contacts per request
     adapter = SendGrid(
         sandbox.esp_url,

@@ -12,14 +12,10 @@ import pytest
 import requests
 
 from presend.sandbox.crm import MAX_PAGE_SIZE, SEARCH_RESULT_CAP, make_contact
-from presend.sandbox.esp import FIELD_MAX_LENGTH
-from presend.sandbox.server import CRM_TOKEN, ESP_API_KEY, Sandbox
+from presend.sandbox.server import CRM_TOKEN, Sandbox
 
 SEARCH = "/crm/v3/objects/contacts/search"
-CONTACTS = "/v3/marketing/contacts"
-FIELDS = "/v3/marketing/field_definitions"
 CRM_AUTH = {"Authorization": f"Bearer {CRM_TOKEN}"}
-ESP_AUTH = {"Authorization": f"Bearer {ESP_API_KEY}"}
 SHARED_SEED = 11
 
 
@@ -65,49 +61,6 @@ def sort_key(contact: dict) -> tuple[str, int]:
     return contact["properties"]["lastmodifieddate"], int(contact["id"])
 
 
-def esp_get(esp_url: str, path: str, **kwargs) -> requests.Response:
-    return requests.get(f"{esp_url}{path}", headers=ESP_AUTH, timeout=30, **kwargs)
-
-
-def held(esp_url: str) -> dict[str, dict]:
-    resp = requests.get(f"{esp_url}/_sandbox/contacts", timeout=30)
-    resp.raise_for_status()
-    return resp.json()
-
-
-def put_contacts(esp_url: str, contacts: list[dict]) -> str:
-    resp = requests.put(
-        f"{esp_url}{CONTACTS}", json={"contacts": contacts}, headers=ESP_AUTH, timeout=30
-    )
-    assert resp.status_code == 202, resp.text
-    return resp.json()["job_id"]
-
-
-def poll(esp_url: str, job_id: str) -> dict:
-    resp = esp_get(esp_url, f"{CONTACTS}/imports/{job_id}")
-    assert resp.status_code == 200, resp.text
-    return resp.json()
-
-
-def run_job(esp_url: str, contacts: list[dict]) -> dict:
-    """Upsert and poll the import job until it is no longer pending (bounded)."""
-    job_id = put_contacts(esp_url, contacts)
-    for _ in range(20):
-        job = poll(esp_url, job_id)
-        if job["status"] != "pending":
-            return job
-    pytest.fail(f"import job {job_id} still pending after 20 polls")
-
-
-def create_field(esp_url: str, name: str, field_type: str = "Text") -> requests.Response:
-    return requests.post(
-        f"{esp_url}{FIELDS}",
-        json={"name": name, "field_type": field_type},
-        headers=ESP_AUTH,
-        timeout=30,
-    )
-
-
 # ---------------------------------------------------------------------------------------------
 # CRM
 # ---------------------------------------------------------------------------------------------
@@ -117,7 +70,6 @@ def create_field(esp_url: str, name: str, field_type: str = "Text") -> requests.
 def shared():
     """One sandbox for this module's tests that leave the CRM's data as it is.
 
-    ESP tests on it use their own emails and field names, so they do not see each other.
     """
     with Sandbox(contacts=1000, seed=SHARED_SEED) as sb:
         yield sb
@@ -242,160 +194,3 @@ def test_crm_advance_modifies_the_share_and_stamps_them_with_the_new_clock(sandb
         assert after[i]["properties"]["email"] == before[i]["properties"]["email"]
     # The moved contacts are exactly what an incremental query from the new clock sees.
     assert {c["id"] for c in page_all(sandbox.crm_url, since=clock)} == moved
-
-
-# ---------------------------------------------------------------------------------------------
-# ESP
-# ---------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    "headers",
-    [{}, {"Authorization": "Bearer wrong-key"}, {"Authorization": ESP_API_KEY}],
-    ids=["no-header", "wrong-key", "no-bearer-prefix"],
-)
-def test_esp_without_the_api_key_is_401_and_changes_nothing(shared, headers):
-    esp_url = shared.esp_url
-    assert requests.get(f"{esp_url}{FIELDS}", headers=headers, timeout=30).status_code == 401
-    email = "unauthorised@example.com"
-    put = requests.put(
-        f"{esp_url}{CONTACTS}", json={"contacts": [{"email": email}]}, headers=headers, timeout=30
-    )
-    assert put.status_code == 401
-    assert "job_id" not in put.json()
-    assert esp_get(esp_url, FIELDS).status_code == 200
-    assert email not in held(esp_url)
-
-
-def test_esp_field_definitions_create_by_name_and_refuse_a_duplicate(sandbox):
-    created = create_field(sandbox.esp_url, "LOYALTY_TIER")
-    assert created.status_code == 200
-    field = created.json()
-    assert field["name"] == "LOYALTY_TIER"
-
-    listed = esp_get(sandbox.esp_url, FIELDS).json()
-    assert listed["custom_fields"] == [field]
-    reserved = [f["name"] for f in listed["reserved_fields"]]
-    assert "first_name" in reserved
-
-    duplicate = create_field(sandbox.esp_url, "LOYALTY_TIER")
-    assert duplicate.status_code == 400
-    assert "exists" in duplicate.json()["errors"][0]["message"]
-    assert create_field(sandbox.esp_url, reserved[0]).status_code == 400
-    assert esp_get(sandbox.esp_url, FIELDS).json()["custom_fields"] == [field]
-
-
-def test_esp_upsert_is_an_async_job_pending_first_then_completed(shared):
-    esp_url = shared.esp_url
-    field_id = create_field(esp_url, "ASYNC_TIER").json()["id"]
-    contacts = [
-        {
-            "email": f"  Async{i}@Example.com ",
-            "first_name": f"Name{i}",
-            "custom_fields": {field_id: f"tier{i}"},
-        }
-        for i in range(5)
-    ]
-    emails = [c["email"].strip().lower() for c in contacts]
-    job_id = put_contacts(esp_url, contacts)
-
-    first = poll(esp_url, job_id)
-    assert first["id"] == job_id
-    assert first["status"] == "pending"
-    assert not set(emails) & held(esp_url).keys()  # nothing applied until the job has run
-
-    done = poll(esp_url, job_id)
-    assert done["status"] == "completed"
-    assert done["results"]["requested_count"] == len(contacts)
-    assert done["results"]["created_count"] == len(contacts)
-    assert done["results"]["errored_count"] == 0
-
-    holding = held(esp_url)
-    for email, c in zip(emails, contacts, strict=True):
-        assert holding[email]["first_name"] == c["first_name"]
-        assert holding[email]["custom_fields"] == {"ASYNC_TIER": c["custom_fields"][field_id]}
-        assert holding[email]["subscribed"] is True
-
-    # Upserting again updates in place.
-    again = run_job(esp_url, [contacts[0] | {"first_name": "Renamed"}])
-    assert again["results"]["updated_count"] == 1
-    assert again["results"]["created_count"] == 0
-    assert held(esp_url)[emails[0]]["first_name"] == "Renamed"
-
-
-def test_esp_unknown_import_job_is_404(shared):
-    resp = esp_get(shared.esp_url, f"{CONTACTS}/imports/no-such-job")
-    assert resp.status_code == 404
-
-
-def test_esp_per_record_errors_are_listed_and_valid_records_still_apply(shared):
-    esp_url = shared.esp_url
-    limit = FIELD_MAX_LENGTH["first_name"]
-    good = [
-        {"email": "errors-ok@example.com", "first_name": "Ada"},
-        {"email": "errors-edge@example.com", "first_name": "x" * limit},
-    ]
-    bad_email = {"email": "errors-not-an-email.example.com", "first_name": "Grace"}
-    long_name = {"email": "errors-long@example.com", "first_name": "y" * (limit + 1)}
-    job = run_job(esp_url, [good[0], bad_email, good[1], long_name])
-
-    assert job["status"] == "completed"
-    assert job["results"]["errored_count"] == 2
-    assert job["results"]["created_count"] == len(good)
-    errors = requests.get(f"{esp_url}{job['results']['errors_url']}", timeout=30).json()
-    by_email = {e["email"]: e["message"] for e in errors}
-    assert by_email.keys() == {bad_email["email"], long_name["email"]}
-    assert "invalid email" in by_email[bad_email["email"]]
-    assert "first_name" in by_email[long_name["email"]]
-    assert str(limit) in by_email[long_name["email"]]
-
-    holding = held(esp_url)
-    for g in good:
-        assert holding[g["email"]]["first_name"] == g["first_name"]
-    assert bad_email["email"] not in holding
-    assert long_name["email"] not in holding
-
-
-def test_esp_upsert_never_changes_subscription_status(shared):
-    esp_url = shared.esp_url
-    email = "subscription@example.com"
-    run_job(esp_url, [{"email": email, "first_name": "Grace"}])
-    assert held(esp_url)[email]["subscribed"] is True
-
-    resp = requests.post(f"{esp_url}/_sandbox/unsubscribe", json={"email": email}, timeout=30)
-    assert resp.status_code == 200
-    assert resp.json()["subscribed"] is False
-
-    job = run_job(esp_url, [{"email": email.upper(), "first_name": "Hopper"}])
-    assert job["results"]["updated_count"] == 1
-    contact = held(esp_url)[email]
-    assert contact["first_name"] == "Hopper"
-    assert contact["subscribed"] is False
-
-
-def test_esp_state_persists_across_a_restart(tmp_path):
-    state = tmp_path / "esp-state.json"
-    with Sandbox(contacts=10, esp_state=state) as first:
-        field = create_field(first.esp_url, "LOYALTY_TIER").json()
-        run_job(
-            first.esp_url,
-            [
-                {
-                    "email": "ada@example.com",
-                    "first_name": "Ada",
-                    "custom_fields": {field["id"]: "gold"},
-                },
-                {"email": "alan@example.com", "first_name": "Alan"},
-            ],
-        )
-        requests.post(
-            f"{first.esp_url}/_sandbox/unsubscribe", json={"email": "alan@example.com"}, timeout=30
-        ).raise_for_status()
-        before = held(first.esp_url)
-    assert len(before) == 2
-
-    with Sandbox(contacts=10, esp_state=state) as second:
-        assert held(second.esp_url) == before
-        assert esp_get(second.esp_url, FIELDS).json()["custom_fields"] == [field]
-        # The field survives by name: creating it again is still a duplicate.
-        assert create_field(second.esp_url, "LOYALTY_TIER").status_code == 400

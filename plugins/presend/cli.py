@@ -149,6 +149,19 @@ def dbt(args: argparse.Namespace) -> int:
     return transform.run_dbt(*args.dbt_args).returncode
 
 
+def preview(args: argparse.Namespace) -> int:
+    """Dry run of the push: counts and a sample of field diffs; no request to the ESP."""
+    import json
+
+    from presend import config
+    from presend import push as push_stage
+
+    vendor = args.vendor or config.load().esp_vendor
+    doc = push_stage.preview(vendor, sample=args.sample)
+    print(json.dumps(doc, indent=2) if args.json else push_stage.format_preview(doc))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="presend")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -167,6 +180,11 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--ready-file", type=Path, default=Path("sandbox-ready.json"))
             p.add_argument("--crm-port", type=int, default=8081)
             p.add_argument("--esp-port", type=int, default=8082)
+    p = sub.add_parser("preview", help="what the push would send now, without sending it")
+    p.set_defaults(func=preview)
+    p.add_argument("--vendor", choices=("sendgrid", "klaviyo"), help="default: esp.vendor")
+    p.add_argument("--sample", type=int, default=5, help="contacts whose field diffs to show")
+    p.add_argument("--json", action="store_true", help="print the preview as JSON")
     p = sub.add_parser("dbt", help="run dbt with presend's warehouse and merge-field vars")
     p.set_defaults(func=dbt)
     p.add_argument("dbt_args", nargs=argparse.REMAINDER, help="dbt command and options")

@@ -5,9 +5,8 @@ Every function returns a small JSON-able dict (its XCom), never rows or PII.
 
 from __future__ import annotations
 
-from presend import config, load, quality, report, settings, sources, transform
+from presend import config, load, quality, report, sources, transform
 from presend import push as push_stage
-from presend.esp.sendgrid import SendGrid
 from presend.sources.extract import SourceConnection, extract
 
 
@@ -67,10 +66,19 @@ def gate_merge_fields() -> dict:
 
 
 def push_merge_fields() -> dict:
-    """Changed merge fields to the ESP."""
+    """Changed merge fields to the ESP; with the DAG param `dry_run`, only a preview."""
+    from airflow.sdk import get_current_context
+
+    from presend import esp
+
     cfg = config.load()
-    adapter = SendGrid.from_airflow(
-        settings.ESP_CONN_ID,
+    if get_current_context()["params"].get("dry_run"):
+        preview = push_stage.preview(cfg.esp_vendor)
+        # Contact ids and masked values only: the log holds no personal data.
+        print(push_stage.format_preview(preview))
+        return {k: v for k, v in preview.items() if k != "sample"} | {"dry_run": True}
+    adapter = esp.from_airflow(
+        cfg.esp_vendor,
         max_batch_contacts=cfg.esp_batch_max_contacts,
         max_batch_bytes=cfg.esp_batch_max_bytes,
     )

@@ -1,10 +1,16 @@
 """The push stage: send new and changed merge fields to the ESP, in full batches.
 
-`push_ledger` keeps, per ESP and contact, the last `fields_hash` the ESP acknowledged. Only
-rows whose hash differs are sent, and the ledger moves batch by batch, only on
-acknowledgement: a rerun after a crash sends only what was not acknowledged. Records the ESP
-rejects are kept in `push_rejects` with its reason; a permanent rejection is not retried for
-the same values.
+`push_ledger` keeps, per ESP and contact, the last merge-field values (and `fields_hash`) the
+ESP acknowledged. A run sends new contacts in full, changed contacts with only the fields that
+changed, and clears the personalization fields of contacts that left `esp_merge_fields`
+(consent withdrawn). Contacts the quality gate quarantined keep their previous values.
+
+Exactly-once in effect: every submitted import job is written to `push_jobs` before it is
+polled, and the ledger moves only when the job's outcome is known, in the same transaction
+that forgets the job. A rerun after a crash first collects the jobs still outstanding, then
+diffs again: an acknowledged contact is never sent twice. Records the ESP rejects land in
+`push_rejects` with its reason; permanent rejections are not retried for the same values,
+transient ones are retried on the next run (up to MAX_TRANSIENT_ATTEMPTS).
 """
 
 from __future__ import annotations
@@ -12,12 +18,12 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import duckdb
 
 from presend import warehouse
-from presend.esp import EspAdapter
+from presend.esp import NOT_MERGE_FIELDS, BatchOutcome, Change, EspAdapter, JobNotFound, text
 
 log = logging.getLogger(__name__)
 
@@ -27,8 +33,12 @@ create table if not exists push_ledger (
     contact_id varchar not null,
     fields_hash varchar not null,
     acknowledged_at timestamp not null,
+    email varchar,
+    fields json,
     primary key (esp, contact_id)
 );
+alter table push_ledger add column if not exists email varchar;
+alter table push_ledger add column if not exists fields json;
 create table if not exists push_rejects (
     esp varchar not null,
     contact_id varchar not null,
@@ -37,49 +47,79 @@ create table if not exists push_rejects (
     permanent boolean not null,
     rejected_at timestamp not null
 );
+create table if not exists push_jobs (
+    esp varchar not null,
+    job_id varchar not null,
+    batch json not null,
+    submitted_at timestamp not null,
+    primary key (esp, job_id)
+);
 """
 
-PENDING_SQL = """
-select m.*
-from esp_merge_fields as m
-left join push_ledger as l
-    on l.esp = $esp and l.contact_id = m.contact_id
-where l.fields_hash is distinct from m.fields_hash
-    and not exists (
-        select 1 from push_rejects as r
-        where r.esp = $esp and r.contact_id = m.contact_id
-            and r.fields_hash = m.fields_hash and r.permanent
-    )
-order by m.contact_id
-"""
+ENVELOPE_BYTES = 64  # an upper bound of the request body around the records
+MAX_TRANSIENT_ATTEMPTS = 5  # then a transiently rejected record waits for new values
+CLEARED = "cleared"  # fields_hash of a clear: the contact left esp_merge_fields
+# Merge fields whose values are personal data: masked in previews and never logged.
+PII_MARKERS = ("EMAIL", "NAME", "PHONE")
 
-ENVELOPE_BYTES = 64  # the request body around the records
+
+class PushSafetyError(RuntimeError):
+    """The push refuses to run: it would clear every contact the ESP holds."""
 
 
 @dataclass
 class PushResult:
     esp: str
     candidates: int = 0
+    new: int = 0
+    changed: int = 0
+    unchanged: int = 0
+    cleared: int = 0
+    quarantined: int = 0
+    given_up: int = 0
     pushed: int = 0
     skipped: int = 0
     rejected: int = 0
     batches: int = 0
+    recovered_jobs: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
+@dataclass
+class Pending:
+    """One contact to send: its new full values (None for a clear) and the change on the wire."""
+
+    change: Change
+    fields_hash: str
+    kind: str  # new | changed | cleared
+    values: dict[str, str] | None
+    previous: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Plan:
+    merge_fields: list[str]
+    pending: list[Pending]
+    counts: dict[str, int]
+    unsent: list[Pending]  # hash moved but every value the ESP holds is already right
+
+
 def batches(
-    records: list[tuple[str, dict]], max_count: int, max_bytes: int
+    records: list[tuple[str, dict]],
+    max_count: int,
+    max_bytes: int,
+    envelope: int = ENVELOPE_BYTES,
 ) -> Iterator[list[tuple[str, dict]]]:
     """Fill batches up to the vendor's limits by count and by JSON bytes."""
     batch: list[tuple[str, dict]] = []
-    size = ENVELOPE_BYTES
+    size = envelope
     for cid, rec in records:
         rec_bytes = len(json.dumps(rec, separators=(",", ":")).encode()) + 1
         if batch and (len(batch) >= max_count or size + rec_bytes > max_bytes):
             yield batch
-            batch, size = [], ENVELOPE_BYTES
+            batch, size = [], envelope
         batch.append((cid, rec))
         size += rec_bytes
     if batch:
@@ -90,43 +130,237 @@ def ensure_schema(con: duckdb.DuckDBPyConnection) -> None:
     con.execute(SCHEMA_SQL)
 
 
+def _has_table(con: duckdb.DuckDBPyConnection, name: str) -> bool:
+    return bool(
+        con.execute(
+            "select count(*) from information_schema.tables where table_name = ?", [name]
+        ).fetchone()[0]
+    )
+
+
+def plan(con: duckdb.DuckDBPyConnection, esp: str) -> Plan:
+    """What a push would send now: new, changed and cleared contacts, with counts.
+
+    Reads only; works before the push tables exist (a first preview).
+    """
+    ledger = (
+        "push_ledger"
+        if _has_table(con, "push_ledger")
+        else "(select null::varchar esp, null::varchar contact_id, null::varchar fields_hash,"
+        " null::varchar email, null::json fields where false)"
+    )
+    rejects = (
+        "push_rejects"
+        if _has_table(con, "push_rejects")
+        else "(select null::varchar esp, null::varchar contact_id, null::varchar fields_hash,"
+        " null::boolean permanent where false)"
+    )
+    quarantine = (
+        "(select distinct contact_id from quarantined_contacts)"
+        if _has_table(con, "quarantined_contacts")
+        else "(select null::varchar contact_id where false)"
+    )
+    columns = [d[0] for d in con.execute("select * from esp_merge_fields limit 0").description]
+    merge_fields = [c for c in columns if c not in NOT_MERGE_FIELDS]
+    counts = dict.fromkeys(
+        ("candidates", "new", "changed", "unchanged", "cleared", "quarantined", "given_up"), 0
+    )
+    pending: list[Pending] = []
+    unsent: list[Pending] = []
+
+    rows = con.execute(
+        f"""
+        select m.*, l.fields_hash as "__ledger_hash", l.fields::varchar as "__ledger_fields",
+            l.email as "__ledger_email", q.contact_id is not null as "__quarantined",
+            coalesce(r.given_up, false) as "__given_up"
+        from esp_merge_fields as m
+        left join {ledger} as l on l.esp = $esp and l.contact_id = m.contact_id
+        left join {quarantine} as q on q.contact_id = m.contact_id
+        left join (
+            select contact_id, fields_hash,
+                bool_or(permanent) or count(*) >= {MAX_TRANSIENT_ATTEMPTS} as given_up
+            from {rejects} where esp = $esp group by all
+        ) as r on r.contact_id = m.contact_id and r.fields_hash = m.fields_hash
+        order by m.contact_id
+        """,
+        {"esp": esp},
+    )
+    names = [d[0] for d in rows.description]
+    for tup in rows.fetchall():
+        row = dict(zip(names, tup, strict=True))
+        counts["candidates"] += 1
+        if row["__quarantined"]:
+            counts["quarantined"] += 1
+            continue
+        if row["__ledger_hash"] == row["fields_hash"]:
+            counts["unchanged"] += 1
+            continue
+        if row["__given_up"]:
+            counts["given_up"] += 1
+            continue
+        values = {f: text(row[f]) for f in merge_fields}
+        held = json.loads(row["__ledger_fields"]) if row["__ledger_fields"] else None
+        email = values.get("EMAIL", "")
+        if row["__ledger_hash"] is None or held is None or row["__ledger_email"] != email:
+            # New to this ESP, or under a new email (a new ESP contact): every field.
+            kind, diff, held = "new" if row["__ledger_hash"] is None else "changed", values, {}
+        else:
+            kind = "changed"
+            diff = {f: v for f, v in values.items() if held.get(f) != v}
+            # A merge field dropped from the model must not stay stale in the ESP.
+            diff |= {f: None for f in held if f not in values}
+        counts[kind] += 1
+        item = Pending(
+            Change(row["contact_id"], email, diff), row["fields_hash"], kind, values, held
+        )
+        (pending if diff else unsent).append(item)
+
+    for cid, email, fields_json in con.execute(
+        f"""
+        select l.contact_id, l.email, l.fields::varchar from {ledger} as l
+        where l.esp = $esp and l.fields_hash <> '{CLEARED}'
+            and not exists (select 1 from esp_merge_fields m where m.contact_id = l.contact_id)
+            and not exists (
+                select 1 from {rejects} r where r.esp = $esp and r.contact_id = l.contact_id
+                    and r.fields_hash = '{CLEARED}' and r.permanent
+            )
+        order by l.contact_id
+        """,
+        {"esp": esp},
+    ).fetchall():
+        held = json.loads(fields_json) if fields_json else {}
+        cleared = {f: None for f in held if f != "EMAIL"}
+        counts["cleared"] += 1
+        pending.append(Pending(Change(cid, email, cleared), CLEARED, "cleared", None, held))
+    return Plan(merge_fields, pending, counts, unsent)
+
+
+def _save_outcome(
+    con: duckdb.DuckDBPyConnection, esp: str, entries: dict[str, dict], outcome: BatchOutcome
+) -> None:
+    """Move the ledger for what the ESP acknowledged and keep its rejections (one statement
+    per kind: executemany would go row by row)."""
+    acked = [cid for cid in outcome.acknowledged if entries[cid]["values"] is not None]
+    gone = [cid for cid in outcome.acknowledged if entries[cid]["values"] is None]
+    if acked:
+        con.execute(
+            "insert into push_ledger "
+            "(esp, contact_id, fields_hash, acknowledged_at, email, fields) "
+            "select $esp, unnest($ids::varchar[]), unnest($hashes::varchar[]), now()::timestamp, "
+            "unnest($emails::varchar[]), unnest($fields::varchar[])::json "
+            "on conflict (esp, contact_id) do update set fields_hash = excluded.fields_hash, "
+            "acknowledged_at = excluded.acknowledged_at, email = excluded.email, "
+            "fields = excluded.fields",
+            {
+                "esp": esp,
+                "ids": acked,
+                "hashes": [entries[c]["hash"] for c in acked],
+                "emails": [entries[c]["email"] for c in acked],
+                "fields": [json.dumps(entries[c]["values"]) for c in acked],
+            },
+        )
+    if gone:
+        # Cleared in the ESP: the ledger forgets the contact, as if it was never sent.
+        con.execute(
+            "delete from push_ledger where esp = $esp and contact_id in (select unnest($ids))",
+            {"esp": esp, "ids": gone},
+        )
+    if outcome.rejected:
+        con.execute(
+            "insert into push_rejects select $esp, unnest($ids::varchar[]), "
+            "unnest($hashes::varchar[]), unnest($reasons::varchar[]), "
+            "unnest($permanent::boolean[]), now()::timestamp",
+            {
+                "esp": esp,
+                "ids": [r.contact_id for r in outcome.rejected],
+                "hashes": [entries[r.contact_id]["hash"] for r in outcome.rejected],
+                "reasons": [r.reason for r in outcome.rejected],
+                "permanent": [r.permanent for r in outcome.rejected],
+            },
+        )
+
+
+def _collect_and_save(
+    con: duckdb.DuckDBPyConnection, adapter: EspAdapter, job_id: str, entries: list[dict]
+) -> BatchOutcome:
+    batch = [(e["contact_id"], e["record"]) for e in entries]
+    outcome = adapter.collect(job_id, batch)
+    con.execute("begin")
+    _save_outcome(con, adapter.name, {e["contact_id"]: e for e in entries}, outcome)
+    con.execute("delete from push_jobs where esp = ? and job_id = ?", [adapter.name, job_id])
+    con.execute("commit")
+    return outcome
+
+
+def _recover(con: duckdb.DuckDBPyConnection, adapter: EspAdapter, result: PushResult) -> None:
+    """Collect the import jobs a crashed run submitted but never saw finish."""
+    jobs = con.execute(
+        "select job_id, batch::varchar from push_jobs where esp = ? order by submitted_at",
+        [adapter.name],
+    ).fetchall()
+    for job_id, batch_json in jobs:
+        try:
+            outcome = _collect_and_save(con, adapter, job_id, json.loads(batch_json))
+        except JobNotFound:
+            # The ESP forgot the job: its contacts are not acknowledged, so they go again.
+            con.execute(
+                "delete from push_jobs where esp = ? and job_id = ?", [adapter.name, job_id]
+            )
+            continue
+        result.recovered_jobs += 1
+        result.pushed += len(outcome.acknowledged)
+        result.rejected += len(outcome.rejected)
+    if jobs:
+        log.info("collected %d import jobs left by an earlier run", result.recovered_jobs)
+
+
 def push(adapter: EspAdapter) -> PushResult:
     """Push what changed since the ESP's last acknowledgement; move the ledger per batch."""
     result = PushResult(esp=adapter.name)
     with warehouse.connect() as con:
         ensure_schema(con)
-        total = con.execute("select count(*) from esp_merge_fields").fetchone()[0]
-        cur = con.execute(PENDING_SQL, {"esp": adapter.name})
-        columns = [d[0] for d in cur.description]
-        rows = [dict(zip(columns, r, strict=True)) for r in cur.fetchall()]
-        result.candidates = total
-        result.skipped = total - len(rows)
-        if not rows:
-            return result
-        adapter.prepare(columns)
-        hashes = {r["contact_id"]: r["fields_hash"] for r in rows}
-        records = [(r["contact_id"], adapter.record(r)) for r in rows]
-        for batch in batches(records, adapter.max_batch_contacts, adapter.max_batch_bytes):
-            outcome = adapter.send(batch)
-            con.execute("begin")
-            acked = outcome.acknowledged
-            # One set-based statement per batch: executemany would go row by row.
-            con.execute(
-                "insert into push_ledger select $esp, unnest($ids::varchar[]), "
-                "unnest($hashes::varchar[]), now()::timestamp "
-                "on conflict (esp, contact_id) do update set "
-                "fields_hash = excluded.fields_hash, acknowledged_at = excluded.acknowledged_at",
-                {"esp": adapter.name, "ids": acked, "hashes": [hashes[c] for c in acked]},
+        _recover(con, adapter, result)
+        todo = plan(con, adapter.name)
+        for key, value in todo.counts.items():
+            setattr(result, key, value)
+        result.skipped = todo.counts["unchanged"] + todo.counts["given_up"]
+        ledger_size = con.execute(
+            "select count(*) from push_ledger where esp = ? and fields_hash <> ?",
+            [adapter.name, CLEARED],
+        ).fetchone()[0]
+        if todo.counts["candidates"] == 0 and ledger_size:
+            raise PushSafetyError(
+                f"esp_merge_fields is empty but {ledger_size} contacts were pushed to "
+                f"{adapter.name}: refusing to clear them all (check the dbt build)"
             )
-            if outcome.rejected:
-                con.executemany(
-                    "insert into push_rejects values (?, ?, ?, ?, ?, now()::timestamp)",
-                    [
-                        (adapter.name, r.contact_id, hashes[r.contact_id], r.reason, r.permanent)
-                        for r in outcome.rejected
-                    ],
-                )
+        if todo.unsent:
+            # Values equal to what the ESP holds (e.g. a hash definition changed): no request.
+            con.execute("begin")
+            _save_outcome(
+                con,
+                adapter.name,
+                {p.change.contact_id: _entry(p, {}) for p in todo.unsent},
+                BatchOutcome(acknowledged=[p.change.contact_id for p in todo.unsent]),
+            )
             con.execute("commit")
+        if not todo.pending:
+            return result
+        held_fields = {f for p in todo.pending for f in p.change.values}
+        adapter.prepare(sorted(set(todo.merge_fields) | held_fields))
+        entries = {p.change.contact_id: _entry(p, adapter.record(p.change)) for p in todo.pending}
+        records = [(cid, e["record"]) for cid, e in entries.items()]
+        envelope = len(adapter.body([]))
+        for batch in batches(
+            records, adapter.max_batch_contacts, adapter.max_batch_bytes, envelope
+        ):
+            job_id = adapter.submit(batch)
+            batch_entries = [entries[cid] for cid, _ in batch]
+            # Known before polling: a crash from here on is recovered without resending.
+            con.execute(
+                "insert into push_jobs values (?, ?, ?::json, now()::timestamp)",
+                [adapter.name, job_id, json.dumps(batch_entries)],
+            )
+            outcome = _collect_and_save(con, adapter, job_id, batch_entries)
             result.batches += 1
             result.pushed += len(outcome.acknowledged)
             result.rejected += len(outcome.rejected)
@@ -137,3 +371,63 @@ def push(adapter: EspAdapter) -> PushResult:
                 len(outcome.rejected),
             )
     return result
+
+
+def _entry(p: Pending, record: dict) -> dict:
+    return {
+        "contact_id": p.change.contact_id,
+        "hash": p.fields_hash,
+        "email": p.change.email,
+        "values": p.values,
+        "record": record,
+    }
+
+
+def mask(field_name: str, value: str | None) -> str | None:
+    """A value fit for logs and previews: personal data reduced to a hint."""
+    if value is None or not any(m in field_name.upper() for m in PII_MARKERS):
+        return value
+    if "@" in value:
+        local, _, domain = value.partition("@")
+        return f"{local[:1]}***@{domain}"
+    return f"{value[:1]}***" if value else value
+
+
+def preview(esp: str, sample: int = 5) -> dict:
+    """What a push to `esp` would send now, without calling the ESP: counts and a sample of
+    field diffs (contact ids; personal data masked)."""
+    with warehouse.connect(read_only=True) as con:
+        todo = plan(con, esp)
+    diffs = []
+    for p in todo.pending[:sample]:
+        diffs.append(
+            {
+                "contact_id": p.change.contact_id,
+                "kind": p.kind,
+                "fields": {
+                    f: [mask(f, p.previous.get(f)), mask(f, v)] for f, v in p.change.values.items()
+                },
+            }
+        )
+    return {"esp": esp, **todo.counts, "to_send": len(todo.pending), "sample": diffs}
+
+
+def format_preview(doc: dict) -> str:
+    """The preview as a few lines a data engineer reads."""
+    lines = [
+        f"dry run: push to {doc['esp']} would send {doc['to_send']} contacts "
+        "(no request made to the ESP)",
+        f"  new        {doc['new']:>8}",
+        f"  changed    {doc['changed']:>8}",
+        f"  unchanged  {doc['unchanged']:>8}",
+        f"  cleared    {doc['cleared']:>8}  (left esp_merge_fields: fields emptied in the ESP)",
+        f"  quarantined{doc['quarantined']:>8}  (keep their previous values)",
+        f"  given up   {doc['given_up']:>8}  (rejected by the ESP for these values)",
+    ]
+    if doc["sample"]:
+        lines.append("  sample of field diffs (old -> new):")
+    for d in doc["sample"]:
+        lines.append(f"    contact {d['contact_id']} ({d['kind']})")
+        for f, (old, new) in d["fields"].items():
+            lines.append(f"      {f}: {old!r} -> {new!r}")
+    return "\n".join(lines)

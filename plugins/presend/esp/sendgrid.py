@@ -1,22 +1,36 @@
-"""SendGrid Marketing Contacts: custom fields by name, `PUT /v3/marketing/contacts`, job polling."""
+"""SendGrid Marketing Contacts: custom fields by name, `PUT /v3/marketing/contacts`, job polling.
+
+SendGrid's upsert is partial ("any fields omitted from the request will remain as they
+were"), so a record carries only the fields that changed; an empty string clears a field.
+The upsert has no subscription fields at all: a push cannot re-subscribe anyone.
+"""
 
 from __future__ import annotations
 
 import json
 import time
-from urllib.parse import urljoin
 
-from presend import http
-from presend.esp import BatchOutcome, Rejection
+from presend.esp import (
+    NOT_MERGE_FIELDS,
+    BatchOutcome,
+    Change,
+    EspError,
+    JobNotFound,
+    Rejection,
+    VendorClient,
+    sendgrid_limits,
+    text,
+)
 
 # Merge fields SendGrid has a reserved field for; every other one becomes a custom field.
 RESERVED = {"EMAIL": "email", "FIRST_NAME": "first_name"}
-NOT_MERGE_FIELDS = {"contact_id", "fields_hash"}
-PERMANENT_REASONS = ("invalid email", "longer than")
+# Per-record errors that sending the same values again cannot fix.
+PERMANENT_REASONS = ("invalid email", "longer than", "unknown custom field")
+CONTACTS = "/v3/marketing/contacts"
+FIELDS = "/v3/marketing/field_definitions"
+IMPORTS = "/v3/marketing/contacts/imports/{id}"
 
-
-class SendGridError(RuntimeError):
-    """SendGrid refused a request or an import job failed as a whole."""
+SendGridError = EspError  # the name callers used before adapters shared one error type
 
 
 class SendGrid:
@@ -32,10 +46,12 @@ class SendGrid:
         poll_interval: float = 0.2,
         job_timeout: float = 600,
     ) -> None:
-        self.base_url = base_url.rstrip("/")
-        self.http = http.session(headers={"Authorization": f"Bearer {api_key}"})
-        self.max_batch_contacts = max_batch_contacts
-        self.max_batch_bytes = max_batch_bytes
+        self.client = VendorClient(
+            base_url, {"Authorization": f"Bearer {api_key}"}, sendgrid_limits
+        )
+        self.http = self.client.http
+        self.max_batch_contacts = min(max_batch_contacts, 30_000)
+        self.max_batch_bytes = min(max_batch_bytes, 6_000_000)
         self.poll_interval = poll_interval
         self.job_timeout = job_timeout
         self.field_ids: dict[str, str] = {}
@@ -43,62 +59,70 @@ class SendGrid:
     @classmethod
     def from_airflow(cls, conn_id: str, **kwargs) -> SendGrid:
         """Base URL and API key from an Airflow Connection (password = API key)."""
-        from airflow.sdk import BaseHook
+        from presend import esp
 
-        conn = BaseHook.get_connection(conn_id)
-        port = f":{conn.port}" if conn.port else ""
-        return cls(f"{conn.schema or 'https'}://{conn.host}{port}", conn.password or "", **kwargs)
+        return esp.from_airflow("sendgrid", conn_id, **kwargs)  # type: ignore[return-value]
 
-    def _call(self, method: str, path: str, **kwargs) -> dict:
-        resp = self.http.request(method, urljoin(self.base_url + "/", path.lstrip("/")), **kwargs)
+    def _call(self, method: str, path: str, route: str | None = None, **kwargs) -> dict | list:
+        resp = self.client.call(method, path, route or path, **kwargs)
+        if resp.status_code == 404 and route == IMPORTS:
+            raise JobNotFound(f"{method} {path}: the ESP does not know this import job")
         if resp.status_code >= 400:
-            raise SendGridError(f"{method} {path}: HTTP {resp.status_code}: {resp.text[:500]}")
+            raise EspError(f"{method} {path}: HTTP {resp.status_code}: {resp.text[:500]}")
         return resp.json()
 
     def prepare(self, merge_fields: list[str]) -> None:
         wanted = [f for f in merge_fields if f not in RESERVED and f not in NOT_MERGE_FIELDS]
-        existing = {
-            f["name"]: f["id"]
-            for f in self._call("GET", "/v3/marketing/field_definitions")["custom_fields"]
-        }
+        # SendGrid field names are unique case-insensitively: map ours the same way.
+        existing = {f["name"].lower(): f["id"] for f in self._call("GET", FIELDS)["custom_fields"]}
         for name in wanted:
-            if name not in existing:
-                created = self._call(
-                    "POST",
-                    "/v3/marketing/field_definitions",
-                    json={"name": name, "field_type": "Text"},
-                )
-                existing[name] = created["id"]
-        self.field_ids = {name: existing[name] for name in wanted}
+            if name.lower() not in existing:
+                created = self._call("POST", FIELDS, json={"name": name, "field_type": "Text"})
+                existing[name.lower()] = created["id"]
+        self.field_ids = {name: existing[name.lower()] for name in wanted}
 
-    def record(self, row: dict) -> dict:
-        rec = {vendor: row[field] for field, vendor in RESERVED.items()}
-        rec["custom_fields"] = {fid: _text(row[name]) for name, fid in self.field_ids.items()}
+    def record(self, change: Change) -> dict:
+        rec: dict = {"email": change.email}
+        custom = {}
+        for name, value in change.values.items():
+            if name == "EMAIL":
+                continue  # the identifier, always present
+            if name in RESERVED:
+                rec[RESERVED[name]] = text(value)
+            else:
+                custom[self.field_ids[name]] = text(value)
+        if custom:
+            rec["custom_fields"] = custom
         return rec
 
-    def send(self, batch: list[tuple[str, dict]]) -> BatchOutcome:
-        # Compact JSON: push.batches() sizes batches by compact bytes, so the body on the
-        # wire must be serialised the same way to stay within max_batch_bytes.
-        body = json.dumps({"contacts": [rec for _, rec in batch]}, separators=(",", ":"))
-        job_id = self._call(
+    def body(self, records: list[dict]) -> bytes:
+        return json.dumps({"contacts": records}, separators=(",", ":")).encode()
+
+    def submit(self, batch: list[tuple[str, dict]]) -> str:
+        return self._call(
             "PUT",
-            "/v3/marketing/contacts",
-            data=body.encode(),
+            CONTACTS,
+            data=self.body([rec for _, rec in batch]),
             headers={"Content-Type": "application/json"},
         )["job_id"]
+
+    def collect(self, job_id: str, batch: list[tuple[str, dict]]) -> BatchOutcome:
         job = self._wait(job_id)
-        by_email = {rec["email"]: cid for cid, rec in batch}
+        by_email = {rec["email"].strip().lower(): cid for cid, rec in batch}
         outcome = BatchOutcome()
         rejected: set[str] = set()
-        if job["results"].get("errored_count"):
-            for err in self._call("GET", job["results"]["errors_url"]):
-                cid = by_email.get(err.get("email"))
-                if cid is None:
+        errors_url = job.get("results", {}).get("errors_url")
+        if errors_url:
+            for err in self._call("GET", errors_url, route="errors"):
+                cid = by_email.get(str(err.get("email", "")).strip().lower())
+                if cid is None or cid in rejected:
                     continue
-                reason = err.get("message", "rejected")
+                reason = err.get("message") or "rejected"
                 permanent = any(p in reason for p in PERMANENT_REASONS)
                 outcome.rejected.append(Rejection(cid, reason, permanent))
                 rejected.add(cid)
+        elif job["status"] == "failed":
+            raise EspError(f"import job {job_id} failed without a list of errors")
         outcome.acknowledged = [cid for cid, _ in batch if cid not in rejected]
         return outcome
 
@@ -106,16 +130,10 @@ class SendGrid:
         deadline = time.monotonic() + self.job_timeout
         delay = self.poll_interval
         while True:
-            job = self._call("GET", f"/v3/marketing/contacts/imports/{job_id}")
-            if job["status"] in ("completed", "errored"):
+            job = self._call("GET", IMPORTS.format(id=job_id), route=IMPORTS)
+            if job["status"] in ("completed", "errored", "failed"):
                 return job
-            if job["status"] == "failed":
-                raise SendGridError(f"import job {job_id} failed")
             if time.monotonic() > deadline:
-                raise SendGridError(f"import job {job_id} still {job['status']} after timeout")
+                raise EspError(f"import job {job_id} still {job['status']} after timeout")
             time.sleep(delay)
             delay = min(delay * 2, 5.0)
-
-
-def _text(value) -> str:
-    return "" if value is None else str(value)
