@@ -1,5 +1,5 @@
 """`make demo`'s command: a failed run exits non-zero, says where it failed, and still stops
-the sandbox servers."""
+the sandbox servers; and the demo command, like the DAG, never calls the internet."""
 
 from __future__ import annotations
 
@@ -9,20 +9,26 @@ import shutil
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 from presend import settings
+
+NETGUARD = Path(__file__).parent / "netguard"
 
 
 def test_a_failed_demo_reports_the_stage_and_stops_the_sandbox(tmp_path, migrated_airflow_home):
     home = tmp_path / "airflow_home"
     shutil.copytree(migrated_airflow_home, home)
+    guard_log = tmp_path / "netguard.log"
+    guard_log.touch()
     bad = tmp_path / "presend.yml"
     bad.write_text(settings.CONFIG_FILE.read_text().replace('"there"', '"' + "x" * 60 + '"'))
     env = os.environ | {
         "AIRFLOW_HOME": str(home),
         "PRESEND_DATA_DIR": str(tmp_path / "data"),
         "PRESEND_CONFIG": str(bad),
-        "PYTHONPATH": str(settings.PROJECT_DIR / "plugins"),
+        "PYTHONPATH": os.pathsep.join([str(NETGUARD), str(settings.PROJECT_DIR / "plugins")]),
+        "PRESEND_NETGUARD_LOG": str(guard_log),
     }
     env.pop("PRESEND_TASK_POOL", None)
     proc = subprocess.run(
@@ -40,3 +46,4 @@ def test_a_failed_demo_reports_the_stage_and_stops_the_sandbox(tmp_path, migrate
     for port in ports:
         with socket.socket() as s:
             assert s.connect_ex(("127.0.0.1", port)) != 0, f"sandbox still listening on {port}"
+    assert guard_log.read_text() == ""
