@@ -22,6 +22,10 @@ def test_dbt_parse_succeeds_and_the_output_contract_is_enforced(data_dir):
         assert all(c.get("description") for c in node["columns"].values()), name
 
 
+def _models() -> list[str]:
+    return [p.stem for p in (settings.DBT_PROJECT_DIR / "models").rglob("*.sql")]
+
+
 # (id, email, firstname, marketable, loyalty_tier, archived)
 CONTACTS = [
     ("1", "ada@example.com", "Ada", "true", "gold", False),
@@ -50,8 +54,10 @@ def _raw_contacts() -> None:
 
 def test_merge_fields_are_exact_for_hand_made_contacts(data_dir):
     _raw_contacts()
+    # Only the CRM has been synced: the shop and events tables do not exist yet.
     result = transform.build()
-    assert result.models_built == 2 and not result.failures
+    assert not result.failures
+    assert result.models_built == len(_models())
     defaults = config.load().merge_field_defaults
     with duckdb.connect(str(settings.warehouse_path()), read_only=True) as con:
         rows = con.sql(

@@ -22,6 +22,8 @@ class Config:
     esp_vendor: str
     esp_batch_max_contacts: int
     esp_batch_max_bytes: int
+    # transform: the store whose product pages recommendations link to.
+    transform_store_url: str = "https://shop.example.com"
 
 
 def _get(doc: dict[str, Any], path: str, kind: type, file: Path) -> Any:
@@ -59,4 +61,9 @@ def load(path: Path | None = None) -> Config:
         esp_vendor=_get(doc, "esp.vendor", str, path),
         esp_batch_max_contacts=_get(doc, "esp.batch_max_contacts", int, path),
         esp_batch_max_bytes=_get(doc, "esp.batch_max_bytes", int, path),
+        transform_store_url=(
+            _get(doc, "transform.store_url", str, path)
+            if "transform" in doc
+            else "https://shop.example.com"
+        ),
     )

@@ -46,20 +46,32 @@ def dbt_env() -> dict[str, str]:
     }
 
 
-def dbt_vars() -> str:
-    """The dbt vars presend passes: the merge-field defaults from config/presend.yml."""
-    return json.dumps({"merge_field_defaults": config.load().merge_field_defaults})
+def dbt_vars_dict(extra: dict | None = None) -> dict:
+    """The dbt vars presend passes: merge-field defaults and the store URL from
+    config/presend.yml, plus `extra` (e.g. `as_of` to pin the reference time)."""
+    cfg = config.load()
+    return {
+        "merge_field_defaults": cfg.merge_field_defaults,
+        "store_url": cfg.transform_store_url,
+    } | (extra or {})
 
 
-def run_dbt(*args: str) -> subprocess.CompletedProcess:
+def dbt_vars(extra: dict | None = None) -> str:
+    """dbt_vars_dict as the JSON dbt's `--vars` takes."""
+    return json.dumps(dbt_vars_dict(extra))
+
+
+def run_dbt(
+    *args: str, extra_vars: dict | None = None, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
     """Run a dbt command with presend's environment and vars.
 
     Its output is echoed (into the task log) and kept in the result's `stdout`.
     """
     dbt = Path(sys.executable).with_name("dbt")
     proc = subprocess.run(
-        [str(dbt), *args, "--vars", dbt_vars()],
-        env=dbt_env(),
+        [str(dbt), *args, "--vars", dbt_vars(extra_vars)],
+        env=dbt_env() | (env or {}),
         cwd=settings.DBT_PROJECT_DIR,
         check=False,
         stdout=subprocess.PIPE,
@@ -70,13 +82,16 @@ def run_dbt(*args: str) -> subprocess.CompletedProcess:
     return proc
 
 
-def build() -> TransformResult:
-    """`dbt build` every model and its tests; raise naming each failure."""
+def build(*args: str, extra_vars: dict | None = None) -> TransformResult:
+    """`dbt build` every model, snapshot and test; raise naming each failure.
+
+    `args` go to dbt build (e.g. "--full-refresh", "--select", "...").
+    """
     with warehouse.connect():  # checks the pool and creates the file's folder
         pass
     results_file = target_dir() / "run_results.json"
     results_file.unlink(missing_ok=True)
-    proc = run_dbt("build")
+    proc = run_dbt("build", *args, extra_vars=extra_vars)
     if not results_file.exists():
         tail = "\n".join(proc.stdout.strip().splitlines()[-12:])
         raise DbtBuildError(f"dbt build exited with code {proc.returncode}:\n{tail}")

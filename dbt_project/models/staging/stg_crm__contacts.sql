@@ -2,7 +2,7 @@ with
 
 source as (
 
-    select * from {{ source('crm', 'crm_contacts') }}
+    select * from {{ raw_source('crm', 'crm_contacts', 'lastmodifieddate', 'properties') }}
 
 ),
 
@@ -10,7 +10,7 @@ renamed as (
 
     select
         id as contact_id,
-        lower(trim(properties ->> 'email')) as email,
+        {{ normalise_email("properties ->> 'email'") }} as email,
         nullif(trim(properties ->> 'firstname'), '') as first_name,
         nullif(trim(properties ->> 'lastname'), '') as last_name,
         nullif(lower(trim(properties ->> 'loyalty_tier')), '') as loyalty_tier,

@@ -1,0 +1,82 @@
+{#-
+  Per contact and product category: engagement in the last 90 days, weighted by kind
+  (vars engagement_weights: purchases weigh more than add-to-cart, add-to-cart more than
+  views). Purchases count each line of an order that was not cancelled.
+-#}
+{%- set weights = var('engagement_weights') -%}
+with
+
+identity as (
+
+    select * from {{ ref('int_identity__contact_emails') }}
+
+),
+
+products as (
+
+    select * from {{ ref('stg_shop__products') }}
+
+),
+
+events as (
+
+    select
+        identity.contact_id,
+        events.product_id,
+        events.occurred_at,
+        case events.event_type
+            when 'added_to_cart' then {{ weights['added_to_cart'] }}
+            else {{ weights['product_viewed'] }}
+        end as weight
+
+    from {{ ref('stg_analytics__events') }} as events
+    inner join identity on events.email = identity.email
+    where
+        events.event_type in ('product_viewed', 'added_to_cart')
+        and events.occurred_at > {{ dbt.dateadd('day', -90, as_of()) }}
+        and events.occurred_at <= {{ as_of() }}
+
+),
+
+purchases as (
+
+    select
+        orders.contact_id,
+        order_lines.product_id,
+        orders.created_at as occurred_at,
+        {{ weights['purchased'] }} as weight
+
+    from {{ ref('int_identity__contact_orders') }} as orders
+    inner join {{ ref('stg_shop__order_lines') }} as order_lines
+        on orders.order_id = order_lines.order_id
+    where
+        not orders.is_cancelled
+        and orders.created_at > {{ dbt.dateadd('day', -90, as_of()) }}
+        and orders.created_at <= {{ as_of() }}
+
+),
+
+engagements as (
+
+    select * from events
+    union all
+    select * from purchases
+
+),
+
+scores as (
+
+    select
+        engagements.contact_id,
+        products.category,
+        sum(engagements.weight) as score,
+        max(engagements.occurred_at) as last_engaged_at
+
+    from engagements
+    inner join products on engagements.product_id = products.product_id
+    where products.category is not null
+    group by engagements.contact_id, products.category
+
+)
+
+select * from scores

@@ -1,0 +1,32 @@
+{#- Orders matched to the contact that owns their normalised email; unmatched orders drop out. -#}
+with
+
+orders as (
+
+    select * from {{ ref('stg_shop__orders') }}
+
+),
+
+identity as (
+
+    select * from {{ ref('int_identity__contact_emails') }}
+
+),
+
+matched as (
+
+    select
+        orders.order_id,
+        identity.contact_id,
+        orders.created_at,
+        orders.is_cancelled,
+        orders.total_price,
+        orders.refunded_amount,
+        orders.total_price - orders.refunded_amount as net_total
+
+    from orders
+    inner join identity on orders.email = identity.email
+
+)
+
+select * from matched

@@ -1,0 +1,119 @@
+{#-
+  One row per CRM contact (not archived): who they are and what presend knows about their
+  orders, engagement and cart. Unknown values stay null here; esp_merge_fields applies the
+  configured defaults. The snapshot customer_profile_snapshot keeps its history.
+-#}
+with
+
+contacts as (
+
+    select * from {{ ref('stg_crm__contacts') }}
+
+),
+
+identity as (
+
+    select * from {{ ref('int_identity__contact_emails') }}
+
+),
+
+order_facts as (
+
+    select * from {{ ref('int_order_facts') }}
+
+),
+
+favorite as (
+
+    select * from {{ ref('int_engagement__favorite_category') }}
+
+),
+
+send_hours as (
+
+    select * from {{ ref('int_engagement__send_hours') }}
+
+),
+
+cart as (
+
+    select * from {{ ref('int_cart_state') }}
+
+),
+
+category_sales as (
+
+    select
+        category,
+        sum(units_sold_90d) as units_sold_90d,
+        sum(units_sold) as units_sold
+
+    from {{ ref('int_product_sales') }}
+    where category is not null
+    group by category
+    having sum(units_sold) > 0
+
+),
+
+store_best_category as (
+
+    select category
+    from (
+        select
+            category,
+            row_number() over (
+                order by units_sold_90d desc, units_sold desc, category asc
+            ) as category_rank
+        from category_sales
+    ) as ranked
+    where category_rank = 1
+
+),
+
+profile as (
+
+    select
+        contacts.contact_id,
+        contacts.email,
+        contacts.first_name,
+        contacts.last_name,
+        contacts.loyalty_tier,
+        contacts.time_zone,
+        contacts.has_marketing_consent,
+        coalesce({{ is_valid_email('contacts.email') }}, false) as has_valid_email,
+        identity.contact_id is not null as owns_email,
+        coalesce(order_facts.order_count, 0) as order_count,
+        coalesce(order_facts.lifetime_value, 0) as lifetime_value,
+        order_facts.last_order_date,
+        coalesce(favorite.favorite_category, store_best_category.category)
+            as favorite_category,
+        favorite.favorite_category is not null as is_favorite_category_engaged,
+        send_hours.best_send_hour,
+        cart.cart_item_title,
+        coalesce(cart.cart_item_count, 0) as cart_item_count,
+        contacts.modified_at
+
+    from contacts
+    left join identity
+        on
+            contacts.email = identity.email
+            and contacts.contact_id = identity.contact_id
+    left join order_facts on identity.contact_id = order_facts.contact_id
+    left join favorite on identity.contact_id = favorite.contact_id
+    left join send_hours on identity.contact_id = send_hours.contact_id
+    left join cart on identity.contact_id = cart.contact_id
+    -- One store-wide row (or none before the first sale): the fallback favourite category.
+    left join store_best_category on 1 = 1
+
+),
+
+final as (
+
+    select
+        *,
+        has_marketing_consent and has_valid_email and owns_email as is_marketable
+    from profile
+
+)
+
+select * from final

@@ -1,0 +1,146 @@
+{#-
+  Up to three recommended products per contact, ranked: only products in stock now, never
+  one the contact bought in the last 90 days, products of the favourite category first (by
+  sales rank), then the store's best sellers in stock. A contact who bought n products
+  recently can lose at most n candidates from each list, so the top 3 + n of each suffice.
+-#}
+with
+
+profiles as (
+
+    select
+        contact_id,
+        favorite_category
+
+    from {{ ref('customer_profile') }}
+
+),
+
+products as (
+
+    select * from {{ ref('int_product_sales') }}
+    where is_in_stock
+
+),
+
+bought as (
+
+    select distinct
+        orders.contact_id,
+        order_lines.product_id
+
+    from {{ ref('int_identity__contact_orders') }} as orders
+    inner join {{ ref('stg_shop__order_lines') }} as order_lines
+        on orders.order_id = order_lines.order_id
+    where
+        not orders.is_cancelled
+        and orders.created_at > {{ dbt.dateadd('day', -90, as_of()) }}
+        and orders.created_at <= {{ as_of() }}
+
+),
+
+bought_counts as (
+
+    select
+        profiles.contact_id,
+        profiles.favorite_category,
+        count(bought.product_id) as bought_count
+
+    from profiles
+    left join bought on profiles.contact_id = bought.contact_id
+    group by profiles.contact_id, profiles.favorite_category
+
+),
+
+favorite_category_candidates as (
+
+    select
+        bought_counts.contact_id,
+        products.product_id,
+        1 as priority,
+        products.in_stock_category_sales_rank as priority_rank
+
+    from bought_counts
+    inner join products
+        on
+            bought_counts.favorite_category = products.category
+            and products.in_stock_category_sales_rank <= 3 + bought_counts.bought_count
+
+),
+
+best_seller_candidates as (
+
+    select
+        bought_counts.contact_id,
+        products.product_id,
+        2 as priority,
+        products.in_stock_sales_rank as priority_rank
+
+    from bought_counts
+    inner join products
+        on products.in_stock_sales_rank <= 3 + bought_counts.bought_count
+
+),
+
+candidates as (
+
+    select * from favorite_category_candidates
+    union all
+    select * from best_seller_candidates
+
+),
+
+not_bought as (
+
+    select
+        candidates.contact_id,
+        candidates.product_id,
+        min(candidates.priority * 1000000000 + candidates.priority_rank) as sort_key
+
+    from candidates
+    left join bought
+        on
+            candidates.contact_id = bought.contact_id
+            and candidates.product_id = bought.product_id
+    where bought.product_id is null
+    group by candidates.contact_id, candidates.product_id
+
+),
+
+ranked as (
+
+    select
+        contact_id,
+        product_id,
+        row_number() over (
+            partition by contact_id order by sort_key asc, product_id asc
+        ) as recommendation_rank
+
+    from not_bought
+
+),
+
+recommendations as (
+
+    select
+        {{ dbt.concat([
+            'ranked.contact_id', "'-'",
+            'cast(ranked.recommendation_rank as ' ~ dbt.type_string() ~ ')'
+        ]) }} as recommendation_id,
+        ranked.contact_id,
+        ranked.recommendation_rank,
+        ranked.product_id,
+        products.title,
+        {{ dbt.concat([
+            "'" ~ var('store_url').rstrip('/') ~ "/products/'", 'products.handle'
+        ]) }} as url,
+        products.price,
+        products.category
+
+    from ranked
+    inner join products on ranked.product_id = products.product_id
+    where ranked.recommendation_rank <= 3
+
+)
+
+select * from recommendations
