@@ -5,18 +5,24 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import random
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import requests
 
 from presend import push, warehouse
-from presend.esp import Change
+from presend.esp import Change, make_adapter
 from presend.esp.sendgrid import SendGrid
 from presend.sandbox.crm import FIRST_NAMES, TIERS
-from presend.sandbox.esp import FIELD_MAX_LENGTH
+from presend.sandbox.esp import FIELD_MAX_LENGTH, KLAVIYO_ATTRIBUTE_MAX_LENGTH
 from presend.sandbox.server import ESP_API_KEY
 
+REPO = Path(__file__).resolve().parents[1]
 MERGE_FIELDS = ["EMAIL", "FIRST_NAME", "LOYALTY_TIER"]
 ROWS = 12
 PUT = "PUT /v3/marketing/contacts"  # the upsert, as /_sandbox/requests counts it
@@ -57,6 +63,8 @@ def write_merge_fields(rows: list[dict]) -> None:
             "create or replace table esp_merge_fields (contact_id varchar primary key, "
             '"EMAIL" varchar, "FIRST_NAME" varchar, "LOYALTY_TIER" varchar, fields_hash varchar)'
         )
+        if not rows:
+            return
         con.executemany(
             "insert into esp_merge_fields values (?, ?, ?, ?, ?)",
             [[r["contact_id"], *(r[f] for f in MERGE_FIELDS), r["fields_hash"]] for r in rows],
@@ -343,3 +351,376 @@ def test_push_splits_by_contact_count(data_dir, sandbox):
     assert all(len(wire.emails(n)) <= per_batch for n in range(len(wire.bodies)))
     assert request_counts(sandbox.esp_url)[PUT] == result.batches
     assert_held(sandbox.esp_url, rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# both vendors: change-only, partial updates, clears, quarantine, faults, safety
+# ---------------------------------------------------------------------------------------------
+
+WRITE = {"sendgrid": PUT, "klaviyo": "POST /api/profile-bulk-import-jobs"}
+TOO_LONG = {
+    "sendgrid": FIELD_MAX_LENGTH["first_name"] + 1,
+    "klaviyo": KLAVIYO_ATTRIBUTE_MAX_LENGTH + 1,
+}
+
+
+class Esp:
+    """One vendor in the sandbox ESP: its adapter, the write bodies it sent, what it holds."""
+
+    def __init__(self, vendor: str, esp_url: str, **kwargs) -> None:
+        self.vendor, self.url = vendor, esp_url
+        self.adapter = make_adapter(vendor, esp_url, ESP_API_KEY, poll_interval=0.01, **kwargs)
+        self.bodies: list[dict] = []
+        self.adapter.http.hooks["response"].append(self._record)
+
+    def _record(self, resp, *args, **kwargs) -> None:
+        if resp.request.method in ("PUT", "POST") and resp.status_code == 202:
+            self.bodies.append(json.loads(resp.request.body))
+
+    def records(self, n: int = -1) -> list[dict]:
+        """The records of the n-th write request, as {email, FIELD: value, ...} (None: clear)."""
+        body = self.bodies[n]
+        if self.vendor == "sendgrid":
+            names = {fid: name for name, fid in self.adapter.field_ids.items()}
+            out = []
+            for rec in body["contacts"]:
+                flat = {"email": rec["email"]}
+                if "first_name" in rec:
+                    flat["FIRST_NAME"] = rec["first_name"]
+                flat |= {names[k]: v for k, v in rec.get("custom_fields", {}).items()}
+                out.append(flat)
+            return out
+        out = []
+        for prof in body["data"]["attributes"]["profiles"]["data"]:
+            attrs = prof["attributes"]
+            flat = {"email": attrs["email"]} | attrs.get("properties", {})
+            if "first_name" in attrs:
+                flat["FIRST_NAME"] = attrs["first_name"]
+            unset = prof.get("meta", {}).get("patch_properties", {}).get("unset", [])
+            flat |= dict.fromkeys(unset)
+            out.append(flat)
+        return out
+
+    def held(self) -> dict[str, dict]:
+        """What the ESP holds per email: merge fields by name, and `subscribed`."""
+        if self.vendor == "sendgrid":
+            return {
+                email: {"FIRST_NAME": c.get("first_name"), **c["custom_fields"]}
+                | {"subscribed": c["subscribed"]}
+                for email, c in held(self.url).items()
+            }
+        resp = requests.get(f"{self.url}/_sandbox/klaviyo/profiles", timeout=30)
+        return {
+            email: {"FIRST_NAME": p.get("first_name"), **p["properties"]}
+            | {"subscribed": p["subscribed"]}
+            for email, p in resp.json().items()
+        }
+
+    def writes(self) -> int:
+        return request_counts(self.url).get(WRITE[self.vendor], 0)
+
+    def total_requests(self) -> int:
+        return sum(request_counts(self.url).values())
+
+    def set_subscribed(self, email: str, subscribed: bool) -> None:
+        action = "subscribe" if subscribed else "unsubscribe"
+        requests.post(
+            f"{self.url}/_sandbox/{action}",
+            json={"vendor": self.vendor, "email": email},
+            timeout=30,
+        ).raise_for_status()
+
+
+def vendor_ledger(vendor: str) -> dict[str, str]:
+    return dict(query("select contact_id, fields_hash from push_ledger where esp = ?", [vendor]))
+
+
+def assert_esp_holds(esp: Esp, rows: list[dict]) -> None:
+    holding = esp.held()
+    for r in rows:
+        got = holding[r["EMAIL"]]
+        assert (got["FIRST_NAME"], got["LOYALTY_TIER"]) == (r["FIRST_NAME"], r["LOYALTY_TIER"])
+
+
+@pytest.fixture(params=["sendgrid", "klaviyo"])
+def esp(request, sandbox) -> Esp:
+    return Esp(request.param, sandbox.esp_url)
+
+
+def test_a_change_sends_only_the_changed_fields_of_the_changed_contacts(rows, esp):
+    push.push(esp.adapter)
+    assert_esp_holds(esp, rows)
+    rows[3] = make_row(4, FIRST_NAME="Renamed")
+    rows[7] = make_row(8, LOYALTY_TIER="platinum")
+    write_merge_fields(rows)
+    writes = esp.writes()
+
+    result = push.push(esp.adapter)
+
+    assert (result.new, result.changed, result.unchanged, result.pushed) == (0, 2, ROWS - 2, 2)
+    assert esp.writes() == writes + 1
+    assert sorted(esp.records(), key=lambda r: r["email"]) == [
+        {"email": rows[3]["EMAIL"], "FIRST_NAME": "Renamed"},
+        {"email": rows[7]["EMAIL"], "LOYALTY_TIER": "platinum"},
+    ]
+    assert_esp_holds(esp, rows)
+    assert vendor_ledger(esp.vendor) == {r["contact_id"]: r["fields_hash"] for r in rows}
+
+
+def test_a_run_with_no_changes_makes_no_request_at_all(rows, esp):
+    push.push(esp.adapter)
+    before, holding = esp.total_requests(), esp.held()
+
+    again = push.push(esp.adapter)
+
+    assert (again.pushed, again.unchanged, again.batches) == (0, ROWS, 0)
+    assert esp.total_requests() == before
+    assert esp.held() == holding
+
+
+def test_contacts_removed_from_merge_fields_get_their_fields_cleared(rows, esp):
+    push.push(esp.adapter)
+    gone = rows.pop(5)
+    write_merge_fields(rows)
+
+    result = push.push(esp.adapter)
+
+    assert (result.cleared, result.pushed, result.changed) == (1, 1, 0)
+    (record,) = esp.records()
+    assert record["email"] == gone["EMAIL"]
+    cleared = esp.held()[gone["EMAIL"]]
+    assert not cleared["FIRST_NAME"]
+    assert not cleared.get("LOYALTY_TIER")
+    assert gone["contact_id"] not in vendor_ledger(esp.vendor)
+    assert_esp_holds(esp, rows)
+    # Cleared once: the next run sends nothing.
+    writes = esp.writes()
+    assert push.push(esp.adapter).pushed == 0
+    assert esp.writes() == writes
+
+
+def test_quarantined_contacts_keep_their_previous_values_and_are_counted(rows, esp):
+    push.push(esp.adapter)
+    before = esp.held()
+    rows[0] = make_row(1, FIRST_NAME="Suspicious")
+    rows[1] = make_row(2, FIRST_NAME="Fine")
+    write_merge_fields(rows)
+    with warehouse.connect() as con:
+        con.execute(
+            "create or replace table quarantined_contacts "
+            "(contact_id varchar, reasons varchar, run_id varchar)"
+        )
+        con.execute(
+            "insert into quarantined_contacts values (?, 'first_name_looks_odd', 'r1')",
+            [rows[0]["contact_id"]],
+        )
+
+    result = push.push(esp.adapter)
+
+    assert (result.quarantined, result.changed, result.pushed) == (1, 1, 1)
+    assert esp.held()[rows[0]["EMAIL"]] == before[rows[0]["EMAIL"]]
+    assert esp.held()[rows[1]["EMAIL"]]["FIRST_NAME"] == "Fine"
+    # Released by the next gate run, the contact goes out.
+    with warehouse.connect() as con:
+        con.execute("delete from quarantined_contacts")
+    assert push.push(esp.adapter).pushed == 1
+    assert esp.held()[rows[0]["EMAIL"]]["FIRST_NAME"] == "Suspicious"
+
+
+def test_a_push_never_changes_subscription_status(rows, esp):
+    push.push(esp.adapter)
+    unsubscribed, subscribed = rows[1]["EMAIL"], rows[2]["EMAIL"]
+    esp.set_subscribed(unsubscribed, False)
+    esp.set_subscribed(subscribed, True)
+    status = {e: c["subscribed"] for e, c in esp.held().items()}
+    rows[1] = make_row(2, FIRST_NAME="Changed")
+    rows[2] = make_row(3, FIRST_NAME="Changed")
+    write_merge_fields(rows)
+    del rows[4]  # and a clear
+    write_merge_fields(rows)
+
+    result = push.push(esp.adapter)
+
+    assert (result.pushed, result.cleared) == (3, 1)
+    after = esp.held()
+    assert after[unsubscribed]["FIRST_NAME"] == "Changed"
+    assert {e: c["subscribed"] for e, c in after.items()} == status
+    assert after[unsubscribed]["subscribed"] is False
+    assert after[subscribed]["subscribed"] is True
+
+
+def test_rejections_keep_the_esp_reason_transient_ones_retry_permanent_ones_do_not(
+    data_dir, sandbox, esp
+):
+    rows = [make_row(i) for i in range(1, ROWS + 1)]
+    rows[2] = make_row(3, EMAIL="contact3-at-example.com")
+    rows[6] = make_row(7, FIRST_NAME="x" * TOO_LONG[esp.vendor])
+    write_merge_fields(rows)
+    busy = rows[9]
+    requests.post(
+        f"{sandbox.esp_url}/_sandbox/faults",
+        json={"transient_rejects": {busy["EMAIL"]: 1}},
+        timeout=30,
+    ).raise_for_status()
+
+    first = push.push(esp.adapter)
+
+    assert (first.pushed, first.rejected) == (ROWS - 3, 3)
+    rejects = {
+        cid: (reason, permanent)
+        for cid, reason, permanent in query(
+            "select contact_id, reason, permanent from push_rejects"
+        )
+    }
+    assert rejects[rows[2]["contact_id"]][1] is True
+    assert "invalid email" in rejects[rows[2]["contact_id"]][0]
+    assert rejects[rows[6]["contact_id"]][1] is True
+    assert "longer than" in rejects[rows[6]["contact_id"]][0]
+    assert rejects[busy["contact_id"]] == (rejects[busy["contact_id"]][0], False)
+    assert "retry" in rejects[busy["contact_id"]][0]
+
+    second = push.push(esp.adapter)
+
+    # Only the transient one went again, and this time it was accepted.
+    assert (second.pushed, second.rejected, second.given_up) == (1, 0, 2)
+    assert [r["email"] for r in esp.records()] == [busy["EMAIL"]]
+    assert esp.held()[busy["EMAIL"]]["FIRST_NAME"] == busy["FIRST_NAME"]
+    assert set(vendor_ledger(esp.vendor)) == {
+        r["contact_id"] for r in rows if r["contact_id"] not in ("0003", "0007")
+    }
+    writes = esp.writes()
+    assert push.push(esp.adapter).pushed == 0
+    assert esp.writes() == writes
+
+
+def test_a_record_rejected_transiently_every_time_is_given_up_after_the_cap(data_dir, sandbox, esp):
+    rows = [make_row(1), make_row(2)]
+    write_merge_fields(rows)
+    requests.post(
+        f"{sandbox.esp_url}/_sandbox/faults",
+        json={"transient_rejects": {rows[0]["EMAIL"]: 1000}},
+        timeout=30,
+    ).raise_for_status()
+    for _ in range(push.MAX_TRANSIENT_ATTEMPTS):
+        assert push.push(esp.adapter).rejected == 1
+    writes = esp.writes()
+
+    last = push.push(esp.adapter)
+
+    assert (last.given_up, last.rejected, last.pushed) == (1, 0, 0)
+    assert esp.writes() == writes
+
+
+def test_push_rides_out_5xx_bursts_and_keeps_within_the_rate_limit(data_dir, sandbox):
+    esp = Esp("sendgrid", sandbox.esp_url, max_batch_contacts=4)
+    rows = [make_row(i) for i in range(1, ROWS + 1)]
+    write_merge_fields(rows)
+    requests.post(
+        f"{sandbox.esp_url}/_sandbox/faults",
+        json={"rate_limits": {PUT: [1, 1]}, "fail_next": 3},
+        timeout=30,
+    ).raise_for_status()
+
+    result = push.push(esp.adapter)
+
+    assert (result.pushed, result.batches) == (ROWS, 3)
+    assert_esp_holds(esp, rows)
+    # Waiting on X-RateLimit-Remaining/Reset, the adapter never ran into a 429: one PUT per
+    # batch reached the ESP (the 503s hit the first requests, which were retried).
+    puts = request_counts(sandbox.esp_url)[PUT]
+    assert puts - result.batches <= 3
+    assert esp.adapter.client.limiter.waited > 0
+
+
+def test_a_crash_after_submitting_is_recovered_without_sending_again(data_dir, sandbox):
+    rows = [make_row(i) for i in range(1, ROWS + 1)]
+    write_merge_fields(rows)
+    crashing = Esp("klaviyo", sandbox.esp_url, max_batch_contacts=5)
+
+    def die(*args, **kwargs):
+        raise KeyboardInterrupt  # the process dies after the ESP took the job
+
+    crashing.adapter.collect = die
+    with pytest.raises(KeyboardInterrupt):
+        push.push(crashing.adapter)
+    assert query("select count(*) from push_jobs")[0][0] == 1
+    assert vendor_ledger("klaviyo") == {}
+
+    rerun = Esp("klaviyo", sandbox.esp_url, max_batch_contacts=5)
+    result = push.push(rerun.adapter)
+
+    assert result.recovered_jobs == 1
+    assert result.pushed == ROWS
+    sent_again = {r["email"] for n in range(len(rerun.bodies)) for r in rerun.records(n)}
+    first_batch = {r["email"] for r in crashing.records(0)}
+    assert not sent_again & first_batch
+    assert_esp_holds(rerun, rows)
+    assert query("select count(*) from push_jobs")[0][0] == 0
+
+
+def test_an_empty_merge_fields_table_never_clears_every_contact(rows, esp):
+    push.push(esp.adapter)
+    write_merge_fields([])
+    writes = esp.writes()
+    with pytest.raises(push.PushSafetyError, match="refusing"):
+        push.push(esp.adapter)
+    assert esp.writes() == writes
+    assert_esp_holds(esp, rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# preview (dry run)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_preview_counts_and_samples_diffs_without_any_request_and_without_emails(rows, esp):
+    push.push(esp.adapter)
+    rows[0] = make_row(1, LOYALTY_TIER="platinum")
+    new = make_row(99)
+    gone = rows.pop(3)
+    write_merge_fields([*rows, new])
+    before = esp.total_requests()
+
+    doc = push.preview(esp.vendor, sample=10)
+
+    assert esp.total_requests() == before
+    assert {k: doc[k] for k in ("new", "changed", "unchanged", "cleared", "quarantined")} == {
+        "new": 1,
+        "changed": 1,
+        "unchanged": ROWS - 2,
+        "cleared": 1,
+        "quarantined": 0,
+    }
+    by_id = {d["contact_id"]: d for d in doc["sample"]}
+    assert by_id["0001"]["fields"] == {"LOYALTY_TIER": [TIERS[1 % len(TIERS)], "platinum"]}
+    assert by_id[gone["contact_id"]]["kind"] == "cleared"
+    text = push.format_preview(doc)
+    for r in [*rows, new, gone]:
+        assert r["EMAIL"] not in text
+    assert "c***@example.com" in text
+    # Nothing moved: the real push sends exactly what the preview announced.
+    result = push.push(esp.adapter)
+    assert (result.new, result.changed, result.cleared) == (1, 1, 1)
+
+
+def test_preview_command_prints_the_counts(rows, sandbox, sendgrid, tmp_path):
+    push.push(sendgrid)
+    rows[0] = make_row(1, FIRST_NAME="Renamed")
+    write_merge_fields(rows)
+    env = os.environ | {"PYTHONPATH": str(REPO / "plugins")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "presend", "preview", "--vendor", "sendgrid", "--sample", "3"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "would send 1 contacts" in proc.stdout
+    assert re.search(r"changed\s+1", proc.stdout)
+    assert re.search(rf"unchanged\s+{ROWS - 1}", proc.stdout)
+    assert "contact 0001 (changed)" in proc.stdout
+    assert rows[0]["EMAIL"] not in proc.stdout
+    assert "R***" in proc.stdout  # a first name is personal data: masked
+    assert ledger()[rows[0]["contact_id"]] != rows[0]["fields_hash"]
