@@ -13,7 +13,7 @@ SQLFLUFF := mkdir -p data && PRESEND_WAREHOUSE=data/sqlfluff.duckdb DBT_SEND_ANO
 export UV_PYTHON_DOWNLOADS := never
 export UV_PROJECT_ENVIRONMENT := $(VENV)
 
-.PHONY: demo test airflow sandbox dbt lint format venv clean
+.PHONY: demo test airflow sandbox dbt lint format venv clean bench-quality
 
 demo: $(VENV)/.synced  ## run the whole pre-send sync once against the sandbox
 	$(RUN) -m presend demo
@@ -31,6 +31,9 @@ sandbox: $(VENV)/.synced  ## the sandbox CRM (:8081) and ESP (:8082) in the fore
 
 dbt: $(VENV)/.synced  ## dbt with presend's vars and warehouse, e.g. make dbt ARGS="build"
 	$(RUN) -m presend dbt $(ARGS)
+
+bench-quality: $(VENV)/.synced  ## the quality gate at 1M contacts (CONTACTS=n to change): time, peak RSS
+	$(VENV)/bin/python bench/bench_quality.py
 
 lint: $(VENV)/.synced
 	$(VENV)/bin/ruff check .

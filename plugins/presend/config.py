@@ -16,9 +16,63 @@ class ConfigError(ValueError):
 
 
 @dataclass(frozen=True)
+class QualityConfig:
+    """The `quality:` section: thresholds of the Great Expectations gate."""
+
+    max_failed_share: float
+    volume_max_drop: float
+    volume_max_growth: float
+    merge_fields_freshness_hours: float
+    freshness_hours: dict[str, float]
+    max_rejected_share: float
+    rejected_lookback_hours: float
+    loyalty_tiers: list[str]
+
+
+QUALITY_DEFAULTS: dict[str, Any] = {
+    "volume_max_drop": 0.5,
+    "volume_max_growth": 2.0,
+    "merge_fields_freshness_hours": 24.0,
+    "freshness_hours": {},
+    "max_rejected_share": 0.02,
+    "rejected_lookback_hours": 24.0,
+    "loyalty_tiers": ["bronze", "silver", "gold", "platinum"],
+}
+
+
+def _quality(doc: dict[str, Any], path: Path) -> QualityConfig:
+    """The gate's thresholds; keys left out of the file take QUALITY_DEFAULTS."""
+    section = doc.get("quality") or {}
+
+    def value(key: str, kind: type) -> Any:
+        if key not in section:
+            return QUALITY_DEFAULTS[key]
+        found = _get(doc, f"quality.{key}", kind, path)
+        if kind is float and found < 0:
+            raise ConfigError(f"{path}: quality.{key} must not be negative")
+        return found
+
+    hours = value("freshness_hours", dict)
+    for source, h in hours.items():
+        if isinstance(h, bool) or not isinstance(h, int | float) or h <= 0:
+            raise ConfigError(f"{path}: quality.freshness_hours.{source} must be > 0")
+    return QualityConfig(
+        max_failed_share=_get(doc, "quality.max_failed_share", float, path),
+        volume_max_drop=value("volume_max_drop", float),
+        volume_max_growth=value("volume_max_growth", float),
+        merge_fields_freshness_hours=value("merge_fields_freshness_hours", float),
+        freshness_hours={k: float(v) for k, v in hours.items()},
+        max_rejected_share=value("max_rejected_share", float),
+        rejected_lookback_hours=value("rejected_lookback_hours", float),
+        loyalty_tiers=[str(t) for t in value("loyalty_tiers", list)],
+    )
+
+
+@dataclass(frozen=True)
 class Config:
     merge_field_defaults: dict[str, str]
     quality_max_failed_share: float
+    quality: QualityConfig
     esp_vendor: str
     esp_batch_max_contacts: int
     esp_batch_max_bytes: int
@@ -58,6 +112,7 @@ def load(path: Path | None = None) -> Config:
     return Config(
         merge_field_defaults=dict(defaults),
         quality_max_failed_share=share,
+        quality=_quality(doc, path),
         esp_vendor=_get(doc, "esp.vendor", str, path),
         esp_batch_max_contacts=_get(doc, "esp.batch_max_contacts", int, path),
         esp_batch_max_bytes=_get(doc, "esp.batch_max_bytes", int, path),

@@ -55,11 +55,14 @@ def build_models() -> dict:
 
 
 def gate_merge_fields() -> dict:
-    """The Great Expectations checkpoint; fails the task when a critical check fails."""
+    """The Great Expectations gate: quarantines bad rows, fails the task on a critical check."""
+    from airflow.sdk import get_current_context
     from airflow.sdk.exceptions import AirflowFailException
 
+    dag_run = get_current_context()["dag_run"]
     try:
-        return quality.gate().to_dict()
+        # Freshness is judged at the run's start, not after extract, load and dbt took time.
+        return quality.gate(dag_run.run_id, dag_run.start_date).to_dict()
     except quality.QualityGateError as exc:
         # Retrying cannot fix the data this run has: fail now, without retries.
         raise AirflowFailException(str(exc)) from exc

@@ -1,18 +1,39 @@
-"""The quality gate: the Great Expectations checkpoint in expectations/ over esp_merge_fields.
+"""The quality gate: the Great Expectations checkpoints in expectations/ over the warehouse.
 
-GX cannot validate DuckDB through SQLAlchemy (every metric fails), so the table is read from a
-read-only DuckDB connection into a DataFrame and validated in memory. `great_expectations`
+Two checkpoints run on every gate:
+- `source_health`: one row of raw/staging health at run start (age of each source's newest
+  loaded data, share of landed records the load rejected);
+- `pre_send_gate`: esp_merge_fields, the rows the push would send.
+
+Every expectation carries `meta.level`. A failed `table` expectation stops the push: the gate
+raises QualityGateError naming each failed expectation, its observed value and the Data Docs
+page. A failed `row` expectation quarantines only the offending contacts (the push skips them,
+so the ESP keeps their previous values) while their share stays under
+`quality.max_failed_share`. Every run is stored in the warehouse (quality_history).
+
+GX cannot validate DuckDB through SQLAlchemy (every metric fails), so tables are read from a
+read-only DuckDB connection into DataFrames and validated in memory. `great_expectations`
 takes seconds to import: it is imported here, inside the gate, and nowhere else.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import os
+import shutil
 from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
 
-from presend import settings, warehouse
+import duckdb
 
-CHECKPOINT = "pre_send_gate"
+from presend import config, quality_history, settings, warehouse
+
+CHECKPOINTS = {"source_health": "source_health", "pre_send_gate": "esp_merge_fields"}
+ROW_LEVEL_INDEX = "contact_id"
+# Raw tables that are not sources.
+NOT_SOURCES = {"sync_state", "load_log", "rejects"}
 
 
 class QualityGateError(RuntimeError):
@@ -21,9 +42,13 @@ class QualityGateError(RuntimeError):
 
 @dataclass
 class QualityResult:
+    run_id: str = ""
+    outcome: str = "passed"
     rows: int = 0
     passed: int = 0
     failed: int = 0
+    not_applicable: int = 0
+    quarantined: int = 0
     failures: list[str] = field(default_factory=list)
     data_docs: str = ""
 
@@ -31,41 +56,406 @@ class QualityResult:
         return asdict(self)
 
 
-def _describe(r) -> str:
-    cfg = r.expectation_config
-    kwargs = {k: v for k, v in cfg.kwargs.items() if k not in ("batch_id",)}
+def gx_dir() -> Path:
+    """Where GX writes validation results and the Data Docs site."""
+    return settings.data_dir() / "gx"
+
+
+def data_docs_index() -> Path:
+    return gx_dir() / "data_docs" / "index.html"
+
+
+# --- what is validated -------------------------------------------------------------------
+
+
+def _relation_exists(con: duckdb.DuckDBPyConnection, name: str, schema: str | None = None) -> bool:
+    sql = "select 1 from information_schema.tables where table_name = ?"
+    args = [name]
+    if schema:
+        sql += " and table_schema = ?"
+        args.append(schema)
+    return bool(con.execute(sql, args).fetchall())
+
+
+def _merge_fields_frame(con: duckdb.DuckDBPyConnection):
+    """esp_merge_fields as a DataFrame, with `_recommendations_in_stock` when it can be known.
+
+    GX validates one table at a time, so the join against the product catalogue is done here:
+    a contact's recommendations are in stock when every non-empty REC_n_URL names an active
+    product (by its handle, `<store>/products/<handle>`) with a variant in stock.
+    """
+    columns = {r[0] for r in con.execute("describe esp_merge_fields").fetchall()}
+    recs = [f"REC_{n}_URL" for n in (1, 2, 3) if f"REC_{n}_URL" in columns]
+    if recs and _relation_exists(con, "stg_shop__products"):
+        checks = " and ".join(
+            f"(coalesce(m.\"{c}\", '') = '' or "
+            f"regexp_extract(m.\"{c}\", '/products/([^/?#]+)', 1) in (select handle from stock))"
+            for c in recs
+        )
+        sql = f"""
+            with stock as (select handle from stg_shop__products where is_in_stock)
+            select m.*, ({checks}) as _recommendations_in_stock from esp_merge_fields m
+        """
+    else:
+        sql = "select * from esp_merge_fields"
+    return _fetch_frame(con, sql)
+
+
+def _fetch_frame(con: duckdb.DuckDBPyConnection, sql: str):
+    """The query's rows as a DataFrame, streamed in chunks to bound memory.
+
+    Each chunk's columns get the dtypes on GX's fast paths, and repeated strings (names,
+    tiers, product titles and URLs) share one Python object per chunk: at 1M contacts that
+    halves the frame's memory.
+    """
+    import pandas as pd
+
+    con.execute(sql)
+    chunks = []
+    while True:
+        chunk = con.fetch_df_chunk(64)  # 64 vectors of 2,048 rows
+        if chunk.empty:
+            if not chunks:
+                chunks.append(_for_gx(chunk))
+            break
+        chunks.append(_for_gx(chunk))
+    return chunks[0] if len(chunks) == 1 else pd.concat(chunks, ignore_index=True, copy=False)
+
+
+def _for_gx(frame):
+    """Dtypes on GX's fast paths: numpy int64/float64 (other widths fall back to a Python
+    loop per value in expect_column_values_to_be_between) and object strings (whose null
+    checks are vectorised, unlike pandas' Python-backed string dtype)."""
+    import numpy as np
+    import pandas as pd
+
+    for name, column in frame.items():
+        if pd.api.types.is_bool_dtype(column.dtype):
+            continue
+        if pd.api.types.is_integer_dtype(column.dtype) and column.dtype != "int64":
+            frame[name] = column.astype("int64" if not column.hasnans else "float64")
+        elif pd.api.types.is_float_dtype(column.dtype) and column.dtype != "float64":
+            frame[name] = column.astype("float64")
+        elif pd.api.types.is_string_dtype(column.dtype):
+            codes, uniques = pd.factorize(column, use_na_sentinel=True)
+            if len(uniques) * 2 < len(column):
+                values = np.asarray(uniques, dtype=object).take(codes)
+                values[codes < 0] = None
+                frame[name] = pd.Series(values, index=column.index, dtype=object)
+            elif column.dtype != object:
+                frame[name] = column.astype(object)
+    return frame
+
+
+def _source_health(con: duckdb.DuckDBPyConnection, started: datetime, q: config.QualityConfig):
+    """One row: per raw source the age (hours) of its newest loaded data, and its reject share."""
+    import pandas as pd
+
+    sources = [
+        r[0]
+        for r in con.execute(
+            "select table_name from information_schema.tables where table_schema = 'raw' "
+            "order by table_name"
+        ).fetchall()
+        if r[0] not in NOT_SOURCES
+    ]
+    has_log = _relation_exists(con, "load_log", "raw")
+    has_rejects = _relation_exists(con, "rejects", "raw")
+    row: dict[str, float] = {}
+    start = started.astimezone(UTC).replace(tzinfo=None)
+    since = f"?::timestamp - interval ({float(q.rejected_lookback_hours)}) hour"
+    for src in sources:
+        cols = {r[0] for r in con.execute(f"describe raw.{src}").fetchall()}
+        loaded = []
+        if "_loaded_at" in cols:
+            loaded.append(con.execute(f"select max(_loaded_at) from raw.{src}").fetchall()[0][0])
+        if has_log:
+            loaded.append(
+                con.execute(
+                    "select max(loaded_at) from raw.load_log where stream = ?", [src]
+                ).fetchall()[0][0]
+            )
+        newest = max((d for d in loaded if d is not None), default=None)
+        if newest is not None:
+            row[f"{src}__age_hours"] = max(0.0, (start - newest).total_seconds() / 3600)
+        landed = rejected = 0
+        if has_log:
+            landed = con.execute(
+                "select coalesce(sum(records), 0) from raw.load_log "
+                f"where stream = ? and loaded_at >= {since}",
+                [src, start],
+            ).fetchall()[0][0]
+        if has_rejects:
+            rejected = con.execute(
+                f"select count(*) from raw.rejects where stream = ? and rejected_at >= {since}",
+                [src, start],
+            ).fetchall()[0][0]
+        row[f"{src}__rejected_share"] = rejected / landed if landed else 0.0
+    ages = [v for k, v in row.items() if k.endswith("__age_hours")]
+    if ages:
+        row["newest_source_age_hours"] = min(ages)
+    return pd.DataFrame([row])
+
+
+def _parameters(
+    cfg: config.Config, previous_rows: int | None, sources: list[str]
+) -> dict[str, object]:
+    """Values of the suites' `$PARAMETER`s: thresholds from config, the volume band."""
+    q = cfg.quality
+    params: dict[str, object] = {
+        "min_rows": 1,
+        "max_rows": None,
+        "loyalty_tiers": sorted({*q.loyalty_tiers, cfg.merge_field_defaults.get("LOYALTY_TIER")}),
+        "merge_fields_freshness_hours": q.merge_fields_freshness_hours,
+        "max_rejected_share": q.max_rejected_share,
+    }
+    if previous_rows:
+        params["min_rows"] = max(1, math.ceil(previous_rows * (1 - q.volume_max_drop)))
+        params["max_rows"] = math.floor(previous_rows * (1 + q.volume_max_growth))
+    for src in sources:
+        params[f"freshness_hours__{src}"] = q.freshness_hours.get(
+            src, q.merge_fields_freshness_hours
+        )
+    return params
+
+
+# --- the GX context ----------------------------------------------------------------------
+
+
+def _columns_of(kwargs: dict) -> list[str]:
+    cols = [kwargs[k] for k in ("column", "column_A", "column_B") if k in kwargs]
+    return cols + list(kwargs.get("column_list") or [])
+
+
+def _run_context(columns: dict[str, set[str]]) -> tuple[Path, list[dict]]:
+    """A per-run copy of expectations/ whose suites hold only the applicable expectations.
+
+    The suites in git are the whole contract, including merge fields the models do not
+    produce yet; an expectation on a column the validated table does not have is not
+    applicable (recorded as such) rather than a failure. GX refuses to run a suite that differs
+    from its stored copy, so the applicable subset is stored in this run's copy.
+    """
+    root = gx_dir() / "context"
+    shutil.rmtree(root, ignore_errors=True)
+    shutil.copytree(settings.EXPECTATIONS_DIR, root, ignore=shutil.ignore_patterns("uncommitted"))
+    skipped = []
+    for suite_file in (root / "expectations").glob("*.json"):
+        suite = json.loads(suite_file.read_text())
+        have = columns.get(suite["name"], set())
+        keep = []
+        for e in suite["expectations"]:
+            missing = [c for c in _columns_of(e["kwargs"]) if c not in have]
+            if missing:
+                skipped.append({"suite": suite["name"], **e})
+            else:
+                keep.append(e)
+        suite["expectations"] = keep
+        suite_file.write_text(json.dumps(suite, indent=2))
+    return root, skipped
+
+
+def _observed(r) -> tuple[str, int | None]:
     res = r.result or {}
+    count = res.get("unexpected_count")
     observed = res.get("observed_value")
-    if observed is None and "unexpected_count" in res:
+    if r.exception_info and r.exception_info.get("raised_exception"):
+        message = str(r.exception_info.get("exception_message") or "")[:200]
+        return f"error: {message}", count
+    if observed is None and count is not None:
         # Counts only: the unexpected values themselves may be emails or names (PII).
-        observed = f"{res['unexpected_count']} unexpected rows ({res.get('unexpected_percent')}%)"
-    return f"{cfg.type}({kwargs}): observed {observed}"
+        observed = f"{count} unexpected rows ({round(res.get('unexpected_percent') or 0, 3)}%)"
+    if isinstance(observed, float):
+        observed = round(observed, 3)
+    return str(observed), count
 
 
-def gate() -> QualityResult:
-    """Validate esp_merge_fields; raise QualityGateError naming every failed expectation."""
+def _offending_contacts(batch, expectation, params: dict) -> list[str]:
+    """contact_ids of the rows that fail one row-level expectation (ids only, no values)."""
+    res = batch.validate(
+        expectation,
+        result_format={
+            "result_format": "COMPLETE",
+            "unexpected_index_column_names": [ROW_LEVEL_INDEX],
+            "return_unexpected_index_query": False,
+        },
+        expectation_parameters=params,
+    )
+    return [str(row[ROW_LEVEL_INDEX]) for row in res.result.get("unexpected_index_list") or []]
+
+
+def _docs_page(context, identifier) -> str:
+    for site in context.get_docs_sites_urls(resource_identifier=identifier):
+        url = site.get("site_url") or ""
+        if url.startswith("file://"):
+            return url.removeprefix("file://")
+    return str(data_docs_index())
+
+
+# --- the gate ----------------------------------------------------------------------------
+
+
+def gate(run_id: str | None = None, run_started_at: datetime | None = None) -> QualityResult:
+    """Validate the sources and esp_merge_fields; quarantine bad rows or block the push.
+
+    Raises QualityGateError when a table-level expectation fails or too many rows would be
+    quarantined; the run is recorded in the warehouse either way.
+    """
     settings.disable_telemetry()
-    gx_dir = settings.data_dir() / "gx"
-    os.environ["PRESEND_GX_DIR"] = str(gx_dir)
+    started = run_started_at or datetime.now(UTC)
+    run_id = run_id or f"manual__{started.isoformat(timespec='seconds')}"
+    os.environ["PRESEND_GX_DIR"] = str(gx_dir())
+    cfg = config.load()
+
     with warehouse.connect(read_only=True) as con:
-        frame = con.sql("select * from esp_merge_fields").df()
+        frame = _merge_fields_frame(con)
+        health = _source_health(con, started, cfg.quality)
+        previous = (
+            quality_history.last_pushed_row_count(con)
+            if _relation_exists(con, "quality_runs")
+            else None
+        )
+    sources = [c.removesuffix("__age_hours") for c in health.columns if c.endswith("__age_hours")]
+    params = _parameters(cfg, previous, sources)
+    frames = {"source_health": health, "pre_send_gate": frame}
+    root, skipped = _run_context(
+        {CHECKPOINTS[name]: set(df.columns) for name, df in frames.items()}
+    )
 
     import great_expectations as gx
+    from great_expectations.core.run_identifier import RunIdentifier
+    from great_expectations.execution_engine import pandas_execution_engine
 
-    context = gx.get_context(mode="file", context_root_dir=str(settings.EXPECTATIONS_DIR))
-    run = context.checkpoints.get(CHECKPOINT).run(batch_parameters={"dataframe": frame})
-    result = QualityResult(rows=len(frame), data_docs=str(gx_dir / "data_docs" / "index.html"))
-    for validation in run.run_results.values():
-        for r in validation.results:
-            if r.success:
-                result.passed += 1
-            else:
-                result.failed += 1
-                result.failures.append(_describe(r))
-    if result.failures:
-        raise QualityGateError(
-            f"{result.failed} expectation(s) failed on esp_merge_fields "
-            f"({result.rows} rows); nothing is pushed. Data Docs: {result.data_docs}\n  - "
-            + "\n  - ".join(result.failures)
+    # GX fingerprints every in-memory batch by hashing all its values (seconds at 1M rows),
+    # only to label the batch; presend labels batches by run id instead.
+    pandas_execution_engine.HASH_THRESHOLD = 0
+
+    context = gx.get_context(mode="file", context_root_dir=str(root))
+    results: list[dict] = []
+    quarantine: dict[str, list[str]] = {}
+    table_failures: list[str] = []
+    docs = str(data_docs_index())
+    for name, df in frames.items():
+        suite = CHECKPOINTS[name]
+        if not context.suites.get(suite).expectations:
+            continue
+        run = context.checkpoints.get(name).run(
+            batch_parameters={"dataframe": df},
+            expectation_parameters=params,
+            run_id=RunIdentifier(run_name=run_id, run_time=started),
         )
+        for identifier, validation in run.run_results.items():
+            page = _docs_page(context, identifier)
+            if name == "pre_send_gate":
+                docs = page
+            batch = None
+            for r in validation.results:
+                cfg_e = r.expectation_config
+                level = (cfg_e.meta or {}).get("level", "table")
+                reason = (cfg_e.meta or {}).get("reason", cfg_e.type)
+                observed, count = _observed(r)
+                column = cfg_e.kwargs.get("column")
+                results.append(
+                    {
+                        "suite": suite,
+                        "expectation": cfg_e.type,
+                        "column": column,
+                        "level": level,
+                        "success": bool(r.success),
+                        "observed": observed,
+                        "unexpected_count": count,
+                        "reason": reason,
+                    }
+                )
+                if r.success:
+                    continue
+                label = f"{cfg_e.type}({column or suite}): observed {observed} ({reason})"
+                errored = bool(r.exception_info and r.exception_info.get("raised_exception"))
+                if level != "row" or errored or name != "pre_send_gate":
+                    table_failures.append(label)
+                    continue
+                if batch is None:
+                    batch = (
+                        context.data_sources.get("warehouse")
+                        .get_asset(suite)
+                        .get_batch_definition("whole_table")
+                        .get_batch(batch_parameters={"dataframe": df})
+                    )
+                for contact in _offending_contacts(batch, cfg_e.to_domain_obj(), params):
+                    quarantine.setdefault(contact, []).append(reason)
+    for e in skipped:
+        results.append(
+            {
+                "suite": e["suite"],
+                "expectation": e["type"],
+                "column": e["kwargs"].get("column"),
+                "level": e["meta"].get("level", "table"),
+                "success": None,
+                "observed": "not applicable: column not present",
+                "unexpected_count": None,
+                "reason": e["meta"].get("reason", e["type"]),
+            }
+        )
+
+    rows = len(frame)
+    share = len(quarantine) / rows if rows else 0.0
+    if share > cfg.quality.max_failed_share:
+        table_failures.append(
+            f"quarantined share: observed {len(quarantine)} of {rows} contacts "
+            f"({share:.1%}) > quality.max_failed_share {cfg.quality.max_failed_share:.1%}"
+        )
+    outcome = "blocked" if table_failures else ("quarantined" if quarantine else "passed")
+    failed = sum(1 for r in results if r["success"] is False)
+    result = QualityResult(
+        run_id=run_id,
+        outcome=outcome,
+        rows=rows,
+        passed=sum(1 for r in results if r["success"]),
+        failed=failed,
+        not_applicable=len(skipped),
+        quarantined=len(quarantine),
+        failures=[r["observed"] for r in results if r["success"] is False],
+        data_docs=docs,
+    )
+    row_failures = [
+        f"{r['expectation']}({r['column']}): observed {r['observed']} ({r['reason']})"
+        for r in results
+        if r["success"] is False and r["level"] == "row"
+    ]
+    message = None
+    if outcome == "blocked":
+        message = (
+            f"quality gate blocked the push: {len(table_failures)} critical failure(s) on "
+            f"esp_merge_fields ({rows} rows); nothing is pushed.\n  - "
+            + "\n  - ".join(table_failures)
+            + (
+                "\nrow-level failures (their contacts would be quarantined):\n  - "
+                + "\n  - ".join(row_failures)
+                if row_failures
+                else ""
+            )
+            + f"\nData Docs: {docs} (Airflow UI: Browse > Pre-send quality)"
+        )
+        result.failures = table_failures + row_failures
+    else:
+        result.failures = row_failures
+    with warehouse.connect() as con:
+        quality_history.record(
+            con,
+            {
+                "run_id": run_id,
+                "outcome": outcome,
+                "rows": rows,
+                "passed": result.passed,
+                "failed": failed,
+                "not_applicable": len(skipped),
+                "quarantined": len(quarantine),
+                "quarantined_share": share,
+                "data_docs": docs,
+                "message": message,
+            },
+            results,
+            quarantine,
+        )
+    if message:
+        raise QualityGateError(message)
     return result
