@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +78,9 @@ class Config:
     esp_batch_max_bytes: int
     # transform: the store whose product pages recommendations link to.
     transform_store_url: str = "https://shop.example.com"
+    # alerts: the Airflow notifier (dotted path to a BaseNotifier subclass) and its arguments.
+    alerts_notifier: str = "presend.alerts.LogNotifier"
+    alerts_notifier_kwargs: dict = field(default_factory=dict)
 
 
 def _get(doc: dict[str, Any], path: str, kind: type, file: Path) -> Any:
@@ -121,4 +124,14 @@ def load(path: Path | None = None) -> Config:
             if "transform" in doc
             else "https://shop.example.com"
         ),
+        **_alerts(doc, path),
     )
+
+
+def _alerts(doc: dict[str, Any], path: Path) -> dict[str, Any]:
+    if "alerts" not in doc:
+        return {}
+    return {
+        "alerts_notifier": _get(doc, "alerts.notifier", str, path),
+        "alerts_notifier_kwargs": doc["alerts"].get("notifier_kwargs") or {},
+    }

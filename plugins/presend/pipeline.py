@@ -93,14 +93,19 @@ def record_sync_run() -> dict:
     from airflow.sdk import get_current_context
 
     ti = get_current_context()["ti"]
-    task_ids = {
-        "extract": "extract_crm_contacts",
-        "load": "load_crm_contacts",
-        "transform": "build_models",
-        "quality": "gate_merge_fields",
-        "push": "push_merge_fields",
+    per_stream = {
+        stage: {name: ti.xcom_pull(task_ids=f"{stage}_{name}") for name in sources.STREAMS}
+        for stage in ("extract", "load")
     }
-    stages = {stage: ti.xcom_pull(task_ids=tid) for stage, tid in task_ids.items()}
+    stages = {
+        # A stage with a stream that reported nothing failed (or did not run).
+        stage: None if None in streams.values() else streams
+        for stage, streams in per_stream.items()
+    } | {
+        "transform": ti.xcom_pull(task_ids="build_models"),
+        "quality": ti.xcom_pull(task_ids="gate_merge_fields"),
+        "push": ti.xcom_pull(task_ids="push_merge_fields"),
+    }
     run = report.record(_run_id(), stages)
     print(report.summary(run))
     if run["failed_stage"]:

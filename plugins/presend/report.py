@@ -22,6 +22,7 @@ STAGES = ("extract", "load", "transform", "quality", "push")
 def record(run_id: str, stages: dict[str, dict | None]) -> dict:
     """Store what each stage reported (None: it failed or did not run)."""
     failed = next((s for s in STAGES if stages.get(s) is None), None)
+    stages = _light(stages)
     status = "success" if failed is None else "failed"
     with warehouse.connect() as con:
         con.execute(SCHEMA_SQL)
@@ -30,6 +31,13 @@ def record(run_id: str, stages: dict[str, dict | None]) -> dict:
             [run_id, status, failed, json.dumps(stages)],
         )
     return {"run_id": run_id, "status": status, "failed_stage": failed, "stages": stages}
+
+
+def _light(value):
+    """The stage reports without file lists: a run report stays small at any scale."""
+    if isinstance(value, dict):
+        return {k: _light(v) for k, v in value.items() if k not in ("files", "folder")}
+    return value
 
 
 def latest() -> dict | None:
@@ -52,18 +60,25 @@ def latest() -> dict | None:
 def summary(run: dict) -> str:
     """A few lines a data engineer reads at the end of a run."""
     s = {k: v or {} for k, v in run["stages"].items()}
-    ex, ld, tr, q, p = (s.get(k, {}) for k in STAGES)
+    extract, load, tr, q, p = (s.get(k, {}) for k in STAGES)
     lines = [
         f"pre-send sync {run['run_id']}: {run['status'].upper()}"
-        + (f" (failed at {run['failed_stage']})" if run["failed_stage"] else ""),
-        f"  extracted  {ex.get('records', 0):>8} contact records in {ex.get('pages', 0)} pages",
-        f"  loaded     {ld.get('loaded', 0):>8} contacts, {ld.get('rejected', 0)} rejected "
-        f"records (cursor {ld.get('cursor')})",
-        f"  dbt        {tr.get('models_built', 0):>8} models built, "
+        + (f" (failed at {run['failed_stage']})" if run["failed_stage"] else "")
+    ]
+    for stream in sorted(extract.keys() | load.keys()):
+        ex, ld = extract.get(stream) or {}, load.get(stream) or {}
+        lines.append(
+            f"  {stream:<14} {ex.get('records', 0):>8} records extracted in "
+            f"{ex.get('pages', 0)} pages, {ld.get('loaded', 0)} loaded, "
+            f"{ld.get('rejected', 0)} rejected"
+        )
+    lines += [
+        f"  {'dbt':<14} {tr.get('models_built', 0):>8} models built, "
         f"{tr.get('tests_passed', 0)} tests passed",
-        f"  quality    {q.get('passed', 0):>8} expectations passed, {q.get('failed', 0)} failed "
-        f"on {q.get('rows', 0)} rows",
-        f"  push       {p.get('pushed', 0):>8} contacts pushed, {p.get('skipped', 0)} skipped "
+        f"  {'quality':<14} {q.get('passed', 0):>8} expectations passed, "
+        f"{q.get('failed', 0)} failed on {q.get('rows', 0)} rows"
+        + (f", {q['quarantined']} contacts quarantined" if q.get("quarantined") else ""),
+        f"  {'push':<14} {p.get('pushed', 0):>8} contacts pushed, {p.get('skipped', 0)} skipped "
         f"(unchanged), {p.get('rejected', 0)} rejected by the ESP",
     ]
     return "\n".join(lines)
