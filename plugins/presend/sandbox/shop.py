@@ -113,6 +113,7 @@ class ShopState:
         self.bucket_size, self.leak_per_second = 40, 1000.0
         self.bucket_level, self.bucket_at = 0.0, time.monotonic()
         self.changes = 0
+        self.throttled = 0  # calls answered 429 because the bucket was full
 
     def _make_order(self, i: int, created_ms: int | None = None) -> dict:
         rnd = random.Random(f"order-{self.seed}-{i}")
@@ -229,6 +230,7 @@ class ShopState:
             self.bucket_level = max(0.0, self.bucket_level - leaked)
             self.bucket_at = now
             if self.bucket_level + 1 > self.bucket_size:
+                self.throttled += 1
                 wait = (self.bucket_level + 1 - self.bucket_size) / self.leak_per_second
                 return False, math.ceil(self.bucket_level), wait
             self.bucket_level += 1
@@ -356,7 +358,15 @@ def create_app(
         body = await request.json()
         state.bucket_size = int(body.get("bucket_size", state.bucket_size))
         state.leak_per_second = float(body.get("leak_per_second", state.leak_per_second))
-        return {"bucket_size": state.bucket_size, "leak_per_second": state.leak_per_second}
+        return await show_call_limit()
+
+    @app.get("/_sandbox/call_limit")
+    async def show_call_limit():
+        return {
+            "bucket_size": state.bucket_size,
+            "leak_per_second": state.leak_per_second,
+            "throttled": state.throttled,
+        }
 
     faults.install(app)
     return app

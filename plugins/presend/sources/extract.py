@@ -83,6 +83,7 @@ class Stream:
     lookback: timedelta = timedelta(0)
     leak_per_second: float | None = None  # the vendor's call-limit bucket drain rate, if any
     timeout: tuple[float, float] = http.DEFAULT_TIMEOUT
+    retries: int = 5
 
     def cursor_of(self, record: dict) -> str | None:
         value = record
@@ -134,7 +135,12 @@ def extract(
     since = start_of(stream, cursor)
     folder = landing.run_dir(stream.name, run_id)
     pacer = http.RateLimitPacer(stream.leak_per_second) if stream.leak_per_second else None
-    client = http.session(headers=stream.auth(conn.token), pacer=pacer, timeout=stream.timeout)
+    client = http.session(
+        headers=stream.auth(conn.token),
+        pacer=pacer,
+        timeout=stream.timeout,
+        retries=stream.retries,
+    )
     files, records = [], 0
     with client:
         url = f"{conn.base_url}{stream.endpoint}"
@@ -202,6 +208,20 @@ class CursorExportPaginator:
             params = {self.cursor_param: nxt, self.limit_param: stream.page_size}
 
 
+def _keys(stream: Stream, results: list) -> list[tuple[str, str]]:
+    """(id, cursor) of the well-formed records of a page, in the order served."""
+    out = []
+    for r in results:
+        cursor = stream.cursor_of(r) if isinstance(r, dict) else None
+        if cursor and r.get("id") is not None:
+            try:
+                parse_time(cursor)
+            except ValueError:
+                continue  # the loader rejects it; paging must not steer by it
+            out.append((r["id"], cursor))
+    return out
+
+
 @dataclass(frozen=True)
 class SearchPaginator:
     """HubSpot CRM search: POST a GTE filter on the cursor, page with an `after` offset.
@@ -240,7 +260,7 @@ class SearchPaginator:
             body = resp.content
             page = json.loads(body)
             results = page.get(stream.records_key, [])
-            seen = [(r.get("id"), stream.cursor_of(r)) for r in results if isinstance(r, dict)]
+            seen = _keys(stream, results)
             # The record repeated on purpose is not counted twice.
             yield Page(body, len(results) - (1 if last and last in seen else 0))
             if last and last not in seen:
@@ -250,10 +270,10 @@ class SearchPaginator:
             nxt = (page.get("paging") or {}).get("next", {}).get("after")
             if nxt is None:
                 return
-            newest = max((c for _, c in seen if c), default=since)
+            newest = max((c for _, c in seen), key=parse_time, default=since)
             after, last = int(nxt), (seen[-1] if seen else None)
             if after >= self.result_cap:
-                if newest == since:
+                if since and parse_time(newest) == parse_time(since):
                     raise RuntimeError(
                         f"more than {self.result_cap} records share {stream.cursor} {since}: "
                         "the search API cannot page through them"
