@@ -69,15 +69,17 @@ def test_sync_times_are_send_time_minus_lead_time(tmp_path):
     assert campaigns.batches_due(campaign, datetime(2026, 12, 1, 7, 0, tzinfo=UTC)) == []
 
 
-def test_audience_filter_selects_the_batch_audience_with_bound_values(tmp_path):
+def test_audience_filter_selects_the_batches_audience_with_bound_values(tmp_path):
     loyal, everyone = write(tmp_path, VALID).campaigns[0].batches
     con = duckdb.connect()
     con.execute(
         "create table esp_merge_fields as select * from (values (1, 'gold'), (2, 'silver'), "
         "(3, 'platinum')) t(contact_id, \"LOYALTY_TIER\")"
     )
-    for batch, expected in ((loyal, [1, 3]), (everyone, [1, 2, 3])):
-        where, params = campaigns.audience_filter(batch)
+    # A value that looks like SQL stays a value.
+    loyal.audience["LOYALTY_TIER"].append("x') or true --")
+    for batches, expected in (([loyal], [1, 3]), ([everyone], [1, 2, 3]), ([], [])):
+        where, params = campaigns.audience_filter(batches)
         got = con.execute(
             f"select contact_id from esp_merge_fields where {where} order by 1", params
         ).fetchall()

@@ -26,9 +26,7 @@ from pydantic import (
 
 from presend import settings
 
-CAMPAIGNS_FILE = Path(
-    os.environ.get("PRESEND_CAMPAIGNS", settings.PROJECT_DIR / "config" / "campaigns.yml")
-)
+DEFAULT_FILE = settings.PROJECT_DIR / "config" / "campaigns.yml"
 MERGE_FIELDS_YML = settings.DBT_PROJECT_DIR / "models" / "marts" / "esp_merge_fields.yml"
 ESPS = ("sendgrid", "klaviyo")
 _DURATION = re.compile(r"^\s*(\d+)\s*(s|m|h|d)\s*$")
@@ -146,7 +144,7 @@ def _has(node, key) -> bool:
 
 def load(path: Path | None = None) -> Schedule:
     """Read and check the campaign schedule; raise CampaignConfigError naming each mistake."""
-    path = path or CAMPAIGNS_FILE
+    path = path or Path(os.environ.get("PRESEND_CAMPAIGNS", DEFAULT_FILE))
     try:
         doc = yaml.safe_load(path.read_text())
     except FileNotFoundError as exc:
@@ -194,16 +192,23 @@ def batches_due(campaign: Campaign, sync_at: datetime) -> list[Batch]:
     return [b for b in campaign.batches if b.send_at - campaign.lead_time == sync_at]
 
 
-def audience_filter(batch: Batch) -> tuple[str, list[Any]]:
-    """A SQL condition over esp_merge_fields for the batch's audience, and its parameters.
+def audience_filter(batches: list[Batch]) -> tuple[str, dict[str, Any]]:
+    """A SQL condition over esp_merge_fields selecting the batches' audiences, and its named
+    parameters.
 
     Field names were checked against the contract when the file was loaded; values are bound
     as parameters, never pasted into SQL.
     """
-    if not batch.audience:
-        return "true", []
-    clauses, params = [], []
-    for field, values in sorted(batch.audience.items()):
-        clauses.append(f'"{field}" in ({", ".join("?" for _ in values)})')
-        params.extend(values)
-    return " and ".join(clauses), params
+    alternatives, params = [], {}
+    for batch in batches:
+        if not batch.audience:
+            return "true", {}
+        clauses = []
+        for field, values in sorted(batch.audience.items()):
+            names = []
+            for value in values:
+                names.append(f"$audience_{len(params)}")
+                params[names[-1][1:]] = value
+            clauses.append(f'"{field}" in ({", ".join(names)})')
+        alternatives.append("(" + " and ".join(clauses) + ")")
+    return " or ".join(alternatives) or "false", params
