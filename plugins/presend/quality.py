@@ -25,6 +25,7 @@ import shutil
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from urllib.parse import unquote
 
 import duckdb
 
@@ -287,7 +288,7 @@ def _docs_page(context, identifier) -> str:
     for site in context.get_docs_sites_urls(resource_identifier=identifier):
         url = site.get("site_url") or ""
         if url.startswith("file://"):
-            return url.removeprefix("file://")
+            return unquote(url.removeprefix("file://"))
     return str(data_docs_index())
 
 
