@@ -35,6 +35,9 @@ dbt: $(VENV)/.synced  ## dbt with presend's vars and warehouse, e.g. make dbt AR
 bench-quality: $(VENV)/.synced  ## the quality gate at 1M contacts (CONTACTS=n to change): time, peak RSS
 	$(VENV)/bin/python bench/bench_quality.py
 
+bench-push: $(VENV)/.synced  ## 100k changed contacts to the sandbox ESP at a rate limit (ARGS="--vendor klaviyo")
+	$(VENV)/bin/python bench/bench_push.py $(ARGS)
+
 lint: $(VENV)/.synced
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .

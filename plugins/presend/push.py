@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 import duckdb
 
 from presend import warehouse
-from presend.esp import NOT_MERGE_FIELDS, BatchOutcome, Change, EspAdapter, JobNotFound, text
+from presend.esp import NOT_MERGE_FIELDS, BatchOutcome, Change, EspAdapter, JobNotFound
 
 log = logging.getLogger(__name__)
 
@@ -94,16 +94,52 @@ class Pending:
     change: Change
     fields_hash: str
     kind: str  # new | changed | cleared
-    values: dict[str, str] | None
+    values_json: str | None  # every merge field as the ledger keeps it; None for a clear
     previous: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
 class Plan:
+    """What to send. `pending()` diffs lazily, so the first batch leaves before the last row
+    is diffed (the diffing overlaps the waits on the vendor's rate limit)."""
+
     merge_fields: list[str]
-    pending: list[Pending]
     counts: dict[str, int]
-    unsent: list[Pending]  # hash moved but every value the ESP holds is already right
+    rows: list[tuple]  # new and changed contacts, as the plan query returns them
+    clears: list[Pending]
+    held_fields: set[str]  # merge fields the ESP may hold values of (from the ledger)
+
+    def pending(self, unsent: list[Pending] | None = None) -> Iterator[Pending]:
+        """New, changed and cleared contacts; ones whose values the ESP already holds (the
+        hash moved, the values did not) go to `unsent` instead."""
+        merge_fields = self.merge_fields
+        email_at = merge_fields.index("EMAIL") if "EMAIL" in merge_fields else None
+        for (
+            cid,
+            fields_hash,
+            ledger_hash,
+            ledger_fields,
+            ledger_email,
+            values_json,
+            *vals,
+        ) in self.rows:
+            values = dict(zip(merge_fields, vals, strict=True))
+            held = json.loads(ledger_fields) if ledger_fields else None
+            email = vals[email_at] if email_at is not None else ""
+            if ledger_hash is None or held is None or ledger_email != email:
+                # New to this ESP, or under a new email (a new ESP contact): every field.
+                kind, diff, held = "new" if ledger_hash is None else "changed", values, {}
+            else:
+                kind = "changed"
+                diff = {f: v for f, v in values.items() if held.get(f) != v}
+                # A merge field dropped from the model must not stay stale in the ESP.
+                diff |= {f: None for f in held if f not in values}
+            item = Pending(Change(cid, email, diff), fields_hash, kind, values_json, held)
+            if diff:
+                yield item
+            elif unsent is not None:
+                unsent.append(item)
+        yield from self.clears
 
 
 def batches(
@@ -113,14 +149,27 @@ def batches(
     envelope: int = ENVELOPE_BYTES,
 ) -> Iterator[list[tuple[str, dict]]]:
     """Fill batches up to the vendor's limits by count and by JSON bytes."""
-    batch: list[tuple[str, dict]] = []
+    encoded = [(i, _encode(rec)) for i, (_, rec) in enumerate(records)]
+    for batch in _fill(encoded, max_count, max_bytes, envelope):
+        yield [records[i] for i, _ in batch]
+
+
+def _encode(record: dict) -> bytes:
+    return json.dumps(record, separators=(",", ":")).encode()
+
+
+def _fill(
+    encoded: list[tuple], max_count: int, max_bytes: int, envelope: int
+) -> Iterator[list[tuple]]:
+    """Batches of (key, record bytes) within max_count records and max_bytes of body."""
+    batch: list[tuple] = []
     size = envelope
-    for cid, rec in records:
-        rec_bytes = len(json.dumps(rec, separators=(",", ":")).encode()) + 1
+    for item in encoded:
+        rec_bytes = len(item[1]) + 1  # and a comma
         if batch and (len(batch) >= max_count or size + rec_bytes > max_bytes):
             yield batch
             batch, size = [], envelope
-        batch.append((cid, rec))
+        batch.append(item)
         size += rec_bytes
     if batch:
         yield batch
@@ -165,14 +214,22 @@ def plan(con: duckdb.DuckDBPyConnection, esp: str) -> Plan:
     counts = dict.fromkeys(
         ("candidates", "new", "changed", "unchanged", "cleared", "quarantined", "given_up"), 0
     )
-    pending: list[Pending] = []
-    unsent: list[Pending] = []
+    clears: list[Pending] = []
 
-    rows = con.execute(
-        f"""
-        select m.*, l.fields_hash as "__ledger_hash", l.fields::varchar as "__ledger_fields",
-            l.email as "__ledger_email", q.contact_id is not null as "__quarantined",
-            coalesce(r.given_up, false) as "__given_up"
+    # Classify in SQL: only the contacts to send come to Python, merge fields as text.
+    quoted = [f'"{f}"' for f in merge_fields]
+    as_text = ", ".join(f"coalesce(m.{q}::varchar, '') as {q}" for q in quoted)
+    classified = f"""
+        select m.contact_id, m.fields_hash, {as_text},
+            l.fields_hash as ledger_hash, l.fields::varchar as ledger_fields,
+            l.email as ledger_email,
+            case
+                when q.contact_id is not null then 'quarantined'
+                when l.fields_hash is not distinct from m.fields_hash then 'unchanged'
+                when coalesce(r.given_up, false) then 'given_up'
+                when l.fields_hash is null then 'new'
+                else 'changed'
+            end as kind
         from esp_merge_fields as m
         left join {ledger} as l on l.esp = $esp and l.contact_id = m.contact_id
         left join {quarantine} as q on q.contact_id = m.contact_id
@@ -181,40 +238,19 @@ def plan(con: duckdb.DuckDBPyConnection, esp: str) -> Plan:
                 bool_or(permanent) or count(*) >= {MAX_TRANSIENT_ATTEMPTS} as given_up
             from {rejects} where esp = $esp group by all
         ) as r on r.contact_id = m.contact_id and r.fields_hash = m.fields_hash
-        order by m.contact_id
-        """,
-        {"esp": esp},
-    )
-    names = [d[0] for d in rows.description]
-    for tup in rows.fetchall():
-        row = dict(zip(names, tup, strict=True))
-        counts["candidates"] += 1
-        if row["__quarantined"]:
-            counts["quarantined"] += 1
-            continue
-        if row["__ledger_hash"] == row["fields_hash"]:
-            counts["unchanged"] += 1
-            continue
-        if row["__given_up"]:
-            counts["given_up"] += 1
-            continue
-        values = {f: text(row[f]) for f in merge_fields}
-        held = json.loads(row["__ledger_fields"]) if row["__ledger_fields"] else None
-        email = values.get("EMAIL", "")
-        if row["__ledger_hash"] is None or held is None or row["__ledger_email"] != email:
-            # New to this ESP, or under a new email (a new ESP contact): every field.
-            kind, diff, held = "new" if row["__ledger_hash"] is None else "changed", values, {}
-        else:
-            kind = "changed"
-            diff = {f: v for f, v in values.items() if held.get(f) != v}
-            # A merge field dropped from the model must not stay stale in the ESP.
-            diff |= {f: None for f in held if f not in values}
-        counts[kind] += 1
-        item = Pending(
-            Change(row["contact_id"], email, diff), row["fields_hash"], kind, values, held
-        )
-        (pending if diff else unsent).append(item)
-
+        """
+    params = {"esp": esp}
+    by_kind = f"select kind, count(*) from ({classified}) group by kind"
+    for kind, n in con.execute(by_kind, params).fetchall():
+        counts[kind] = n
+    counts["candidates"] = sum(counts.values())
+    as_json = ", ".join(f"'{f}', \"{f}\"" for f in merge_fields)
+    rows = con.execute(
+        f"select contact_id, fields_hash, ledger_hash, ledger_fields, ledger_email, "
+        f"json_object({as_json})::varchar, {', '.join(quoted)} "
+        f"from ({classified}) where kind in ('new', 'changed') order by contact_id",
+        params,
+    ).fetchall()
     for cid, email, fields_json in con.execute(
         f"""
         select l.contact_id, l.email, l.fields::varchar from {ledger} as l
@@ -231,8 +267,15 @@ def plan(con: duckdb.DuckDBPyConnection, esp: str) -> Plan:
         held = json.loads(fields_json) if fields_json else {}
         cleared = {f: None for f in held if f != "EMAIL"}
         counts["cleared"] += 1
-        pending.append(Pending(Change(cid, email, cleared), CLEARED, "cleared", None, held))
-    return Plan(merge_fields, pending, counts, unsent)
+        clears.append(Pending(Change(cid, email, cleared), CLEARED, "cleared", None, held))
+    held_fields = {
+        key
+        for (key,) in con.execute(
+            f"select distinct unnest(json_keys(fields)) from {ledger} where esp = $esp",
+            {"esp": esp},
+        ).fetchall()
+    }
+    return Plan(merge_fields, counts, rows, clears, held_fields)
 
 
 def _save_outcome(
@@ -256,7 +299,7 @@ def _save_outcome(
                 "ids": acked,
                 "hashes": [entries[c]["hash"] for c in acked],
                 "emails": [entries[c]["email"] for c in acked],
-                "fields": [json.dumps(entries[c]["values"]) for c in acked],
+                "fields": [entries[c]["values"] for c in acked],
             },
         )
     if gone:
@@ -333,28 +376,23 @@ def push(adapter: EspAdapter) -> PushResult:
                 f"esp_merge_fields is empty but {ledger_size} contacts were pushed to "
                 f"{adapter.name}: refusing to clear them all (check the dbt build)"
             )
-        if todo.unsent:
-            # Values equal to what the ESP holds (e.g. a hash definition changed): no request.
-            con.execute("begin")
-            _save_outcome(
-                con,
-                adapter.name,
-                {p.change.contact_id: _entry(p, {}) for p in todo.unsent},
-                BatchOutcome(acknowledged=[p.change.contact_id for p in todo.unsent]),
-            )
-            con.execute("commit")
-        if not todo.pending:
-            return result
-        held_fields = {f for p in todo.pending for f in p.change.values}
-        adapter.prepare(sorted(set(todo.merge_fields) | held_fields))
-        entries = {p.change.contact_id: _entry(p, adapter.record(p.change)) for p in todo.pending}
-        records = [(cid, e["record"]) for cid, e in entries.items()]
-        envelope = len(adapter.body([]))
-        for batch in batches(
-            records, adapter.max_batch_contacts, adapter.max_batch_bytes, envelope
-        ):
-            job_id = adapter.submit(batch)
-            batch_entries = [entries[cid] for cid, _ in batch]
+        if not (todo.rows or todo.clears):
+            return result  # nothing to send: not a single request to the ESP
+        adapter.prepare(sorted(set(todo.merge_fields) | todo.held_fields))
+        unsent: list[Pending] = []
+
+        def encoded() -> Iterator[tuple[dict, bytes]]:
+            # Each record is serialised once: its size fills the batch, its bytes the body.
+            for p in todo.pending(unsent):
+                entry = _entry(p, adapter.record(p.change))
+                yield entry, _encode(entry["record"])
+
+        prefix, suffix = adapter.envelope
+        limits = (adapter.max_batch_contacts, adapter.max_batch_bytes)
+        for chunk in _fill(encoded(), *limits, len(prefix) + len(suffix)):
+            batch_entries = [entry for entry, _ in chunk]
+            body = prefix + b",".join(raw for _, raw in chunk) + suffix
+            job_id = adapter.submit([(e["contact_id"], e["record"]) for e in batch_entries], body)
             # Known before polling: a crash from here on is recovered without resending.
             con.execute(
                 "insert into push_jobs values (?, ?, ?::json, now()::timestamp)",
@@ -370,6 +408,16 @@ def push(adapter: EspAdapter) -> PushResult:
                 len(outcome.acknowledged),
                 len(outcome.rejected),
             )
+        if unsent:
+            # The hash moved but the ESP already holds these values: no request needed.
+            con.execute("begin")
+            _save_outcome(
+                con,
+                adapter.name,
+                {p.change.contact_id: _entry(p, {}) for p in unsent},
+                BatchOutcome(acknowledged=[p.change.contact_id for p in unsent]),
+            )
+            con.execute("commit")
     return result
 
 
@@ -378,7 +426,7 @@ def _entry(p: Pending, record: dict) -> dict:
         "contact_id": p.change.contact_id,
         "hash": p.fields_hash,
         "email": p.change.email,
-        "values": p.values,
+        "values": p.values_json,
         "record": record,
     }
 
@@ -398,8 +446,9 @@ def preview(esp: str, sample: int = 5) -> dict:
     field diffs (contact ids; personal data masked)."""
     with warehouse.connect(read_only=True) as con:
         todo = plan(con, esp)
+    pending = list(todo.pending())
     diffs = []
-    for p in todo.pending[:sample]:
+    for p in pending[:sample]:
         diffs.append(
             {
                 "contact_id": p.change.contact_id,
@@ -409,7 +458,7 @@ def preview(esp: str, sample: int = 5) -> dict:
                 },
             }
         )
-    return {"esp": esp, **todo.counts, "to_send": len(todo.pending), "sample": diffs}
+    return {"esp": esp, **todo.counts, "to_send": len(pending), "sample": diffs}
 
 
 def format_preview(doc: dict) -> str:

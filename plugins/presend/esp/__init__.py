@@ -64,11 +64,16 @@ class EspAdapter(Protocol):
     def record(self, change: Change) -> dict:
         """The vendor's JSON record for one contact's change."""
 
+    # The request body around the records: prefix + comma-joined compact records + suffix.
+    envelope: tuple[bytes, bytes]
+
     def body(self, records: list[dict]) -> bytes:
         """The request body that carries `records` (compact JSON, as sent on the wire)."""
 
-    def submit(self, batch: list[tuple[str, dict]]) -> str:
-        """Start the vendor's import job for (contact_id, record) pairs; return its id."""
+    def submit(self, batch: list[tuple[str, dict]], body: bytes | None = None) -> str:
+        """Start the vendor's import job for (contact_id, record) pairs; return its id.
+
+        `body` is the same request already serialised (see `envelope`)."""
 
     def collect(self, job_id: str, batch: list[tuple[str, dict]]) -> BatchOutcome:
         """Wait for the job and return what the ESP acknowledged and rejected."""

@@ -99,12 +99,17 @@ class Klaviyo:
         }
         return json.dumps(doc, separators=(",", ":")).encode()
 
-    def submit(self, batch: list[tuple[str, dict]]) -> str:
+    envelope = (
+        b'{"data":{"type":"profile-bulk-import-job","attributes":{"profiles":{"data":[',
+        b"]}}}}",
+    )
+
+    def submit(self, batch: list[tuple[str, dict]], body: bytes | None = None) -> str:
         return self._call(
             "POST",
             JOBS,
             JOBS,
-            data=self.body([rec for _, rec in batch]),
+            data=body or self.body([rec for _, rec in batch]),
             headers={"Content-Type": JSON_API},
         )["data"]["id"]
 

@@ -95,14 +95,16 @@ class SendGrid:
             rec["custom_fields"] = custom
         return rec
 
+    envelope = (b'{"contacts":[', b"]}")
+
     def body(self, records: list[dict]) -> bytes:
         return json.dumps({"contacts": records}, separators=(",", ":")).encode()
 
-    def submit(self, batch: list[tuple[str, dict]]) -> str:
+    def submit(self, batch: list[tuple[str, dict]], body: bytes | None = None) -> str:
         return self._call(
             "PUT",
             CONTACTS,
-            data=self.body([rec for _, rec in batch]),
+            data=body or self.body([rec for _, rec in batch]),
             headers={"Content-Type": "application/json"},
         )["job_id"]
 
