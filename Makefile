@@ -60,3 +60,8 @@ $(VENV)/.synced: pyproject.toml uv.lock | $(UV)
 
 clean:  ## remove the local Airflow home, warehouse and landing zone (not the venv)
 	rm -rf airflow_home data
+
+.PHONY: bench-ingest
+bench-ingest: $(VENV)/.synced  ## ingest benchmark, not in `make test`: presend vs DuckDB read_json vs dlt
+	$(UV) sync --frozen --group bench
+	$(RUN) bench/bench_ingest.py $(ARGS)

@@ -142,9 +142,9 @@ class CrmState:
     def search(self, since: datetime | None, offset: int, limit: int) -> tuple[int, list[dict]]:
         with self.lock:
             start = 0 if since is None else bisect.bisect_left(self.order, (_iso(since), 0))
-            matching = self.order[start:]
-            page = [self.contacts[i] for _, i in matching[offset : offset + limit]]
-            return len(matching), page
+            lo = start + offset  # slice the page only: copying the tail is O(contacts)
+            page = [self.contacts[i] for _, i in self.order[lo : lo + limit]]
+            return len(self.order) - start, page
 
 
 def _error(status: int, message: str, category: str) -> JSONResponse:
