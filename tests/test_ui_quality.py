@@ -23,8 +23,9 @@ import pytest
 import requests
 from test_quality import contacts, write_crm_source, write_merge_fields
 
-from presend import cli, quality, report
+from presend import campaign_run, cli, quality, report, warehouse
 
+RUN_CAMPAIGN = "scheduled__2026-11-22T09:00:00+00:00"
 RUN_OK = "scheduled__2026-11-22T10:00:00+00:00"
 RUN_QUARANTINE = "scheduled__2026-11-22T11:00:00+00:00"
 BAD_EMAIL = "no-at-sign.example.com"
@@ -48,9 +49,20 @@ def _free_port() -> int:
 
 
 def _seed_warehouse() -> None:
-    """Two real gate runs and the sync reports of the same runs."""
+    """Three real gate runs: one of a campaign DAG (its batches in campaign_runs), two of the
+    pre-send sync (their reports in sync_runs)."""
     write_crm_source()
     write_merge_fields(contacts(100))
+    quality.gate(RUN_CAMPAIGN)
+    with warehouse.connect() as con:
+        con.execute(campaign_run.SCHEMA_SQL)
+        for batch, pushed in (("eu", 60), ("us", 40)):
+            con.execute(
+                "insert into campaign_runs (campaign, batch, run_id, send_at, status, pushed, "
+                "skipped, quarantined, rejected, recorded_at) "
+                "values ('spring_sale', ?, ?, now(), 'pushed', ?, 0, 0, 0, now())",
+                [batch, RUN_CAMPAIGN, pushed],
+            )
     quality.gate(RUN_OK)
     stages = {s: {} for s in report.STAGES}
     report.record(RUN_OK, stages | {"push": {"pushed": 100, "skipped": 0, "rejected": 0}})
@@ -157,7 +169,7 @@ def test_logged_in_user_sees_runs_quarantine_and_push_counts(server):
     auth = {"Authorization": f"Bearer {server.token()}"}
     runs = requests.get(f"{server.url}/presend-quality/api/runs", headers=auth, timeout=30)
     assert runs.status_code == 200
-    newest, older = runs.json()
+    newest, older, campaign = runs.json()
     assert (newest["run_id"], newest["outcome"], newest["quarantined"]) == (
         RUN_QUARANTINE,
         "quarantined",
@@ -171,6 +183,7 @@ def test_logged_in_user_sees_runs_quarantine_and_push_counts(server):
         "recorded": True,
     }
     assert older["outcome"] == "passed"
+    assert (campaign["run_id"], campaign["push"]["pushed"]) == (RUN_CAMPAIGN, 100)
 
     page = requests.get(f"{server.url}/presend-quality/", headers=auth, timeout=30)
     assert page.status_code == 200
@@ -178,7 +191,7 @@ def test_logged_in_user_sees_runs_quarantine_and_push_counts(server):
     assert '<code id="run-id">' + RUN_QUARANTINE in html
     assert "<td>21</td><td>EMAIL is not a well-formed address</td>" in html
     assert "rejected by the ESP <b>1</b>" in html and "pushed <b>3</b>" in html
-    assert html.count('class="bar ') == 2  # the chart: one bar per run
+    assert html.count('class="bar ') == 3  # the chart: one bar per run
     # Contact ids only: no email address of any contact reaches the page.
     assert "@example.com" not in html and BAD_EMAIL not in html
 
@@ -186,6 +199,11 @@ def test_logged_in_user_sees_runs_quarantine_and_push_counts(server):
         f"{server.url}/presend-quality/", params={"run_id": RUN_OK}, headers=auth, timeout=30
     )
     assert 'id="outcome">passed' in older_page.text
+    campaign_page = requests.get(
+        f"{server.url}/presend-quality/", params={"run_id": RUN_CAMPAIGN}, headers=auth, timeout=30
+    ).text
+    assert "<td>spring_sale</td><td>eu</td><td>pushed</td><td>60</td>" in campaign_page
+    assert "pushed <b>100</b>" in campaign_page
 
     docs = re.search(r'id="run-docs" href="([^"]+)"', html).group(1)
     run_docs = requests.get(server.url + docs, headers=auth, timeout=30)
@@ -244,7 +262,7 @@ def test_browser_logs_in_and_reads_the_quality_page_and_data_docs(server, tmp_pa
             assert frame.locator("#run-id").inner_text() == RUN_QUARANTINE
             quarantine = frame.locator("#quarantine").inner_text()
             assert "21" in quarantine and "EMAIL is not a well-formed address" in quarantine
-            assert frame.locator("#runs-chart .bar").count() == 2
+            assert frame.locator("#runs-chart .bar").count() == 3
             page.screenshot(path=str(tmp_path / "quality-in-airflow.png"), full_page=True)
 
             # The quality page on its own, then its Data Docs link.

@@ -139,16 +139,28 @@ def recent_runs(con: duckdb.DuckDBPyConnection, limit: int = 30) -> list[dict]:
     if not _has_table(con, "quality_runs"):
         return []
     push = "null::json"
-    join = ""
+    joins = ""
     if _has_table(con, "sync_runs"):
         push = "s.stages -> 'push'"
-        join = "left join sync_runs s using (run_id)"
+        joins += " left join sync_runs s using (run_id)"
+    if _has_table(con, "campaign_runs"):
+        # A campaign DAG run pushes one or more batches: their counts, summed.
+        push = (
+            f"coalesce({push}, case when c.run_id is not null then json_object("
+            "'pushed', c.pushed, 'skipped', c.skipped, 'rejected', c.rejected, "
+            "'quarantined', c.quarantined) end)"
+        )
+        joins += (
+            " left join (select run_id, sum(pushed) as pushed, sum(skipped) as skipped, "
+            "sum(rejected) as rejected, sum(quarantined) as quarantined from campaign_runs "
+            "group by run_id) c using (run_id)"
+        )
     rows = con.execute(
         f"""
         select q.run_id, strftime(q.checked_at, '%Y-%m-%d %H:%M:%S'), q.outcome, q.rows,
                q.passed, q.failed, q.not_applicable, q.quarantined, q.quarantined_share,
                q.data_docs, q.message, {push}
-        from quality_runs q {join}
+        from quality_runs q {joins}
         order by q.checked_at desc limit ?
         """,
         [limit],
@@ -198,6 +210,19 @@ def results_of(con: duckdb.DuckDBPyConnection, run_id: str) -> list[dict]:
         "unexpected_count",
         "reason",
     ]
+    return [dict(zip(keys, r, strict=True)) for r in rows]
+
+
+def batches_of(con: duckdb.DuckDBPyConnection, run_id: str) -> list[dict]:
+    """Campaign batches a campaign DAG run pushed after this gate run (`campaign_runs`)."""
+    if not _has_table(con, "campaign_runs"):
+        return []
+    rows = con.execute(
+        "select campaign, batch, status, pushed, skipped, quarantined, rejected "
+        "from campaign_runs where run_id = ? order by campaign, batch",
+        [run_id],
+    ).fetchall()
+    keys = ["campaign", "batch", "status", "pushed", "skipped", "quarantined", "rejected"]
     return [dict(zip(keys, r, strict=True)) for r in rows]
 
 

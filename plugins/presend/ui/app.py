@@ -154,7 +154,13 @@ def _status(success) -> str:
     )
 
 
-def _page(runs: list[dict], run: dict | None, results: list[dict], quarantine: list[dict]) -> str:
+def _page(
+    runs: list[dict],
+    run: dict | None,
+    results: list[dict],
+    quarantine: list[dict],
+    batches: list[dict],
+) -> str:
     e = escape
     body = [f"<h1>Pre-send quality</h1><p>Great Expectations gate of <code>{DAG_ID}</code>."]
     index = docs_dir() / "index.html"
@@ -189,6 +195,30 @@ def _page(runs: list[dict], run: dict | None, results: list[dict], quarantine: l
         )
         + "</p>",
     ]
+    if batches:
+        body.append(
+            '<h2>Campaign batches</h2><table id="batches"><tr><th>campaign</th><th>batch</th>'
+            "<th>status</th><th>pushed</th><th>skipped</th><th>quarantined</th>"
+            "<th>rejected</th></tr>"
+        )
+        for b in batches:
+            body.append(
+                "<tr>"
+                + "".join(
+                    f"<td>{e(str(b[k] if b[k] is not None else ''))}</td>"
+                    for k in (
+                        "campaign",
+                        "batch",
+                        "status",
+                        "pushed",
+                        "skipped",
+                        "quarantined",
+                        "rejected",
+                    )
+                )
+                + "</tr>"
+            )
+        body.append("</table>")
     if run["message"]:
         body.append(f'<pre id="message">{e(run["message"])}</pre>')
     body.append(f"<h2>Last {len(runs[:30])} runs</h2>{chart_svg(runs)}")
@@ -258,16 +288,16 @@ def create_app() -> FastAPI:
                 raise HTTPException(status_code=404, detail=f"no gate run {run_id}")
             run = run or (runs[0] if runs else None)
             if run is None:
-                return runs, None, [], []
+                return runs, None, [], [], []
             return (
                 runs,
                 run,
                 quality_history.results_of(con, run["run_id"]),
                 quality_history.quarantine_of(con, run["run_id"]),
+                quality_history.batches_of(con, run["run_id"]),
             )
 
-        runs, run, results, quarantine = _read(read) or ([], None, [], [])
-        return _page(runs, run, results, quarantine)
+        return _page(*(_read(read) or ([], None, [], [], [])))
 
     @app.get("/api/runs")
     def runs_json(limit: int = 30) -> list[dict]:
