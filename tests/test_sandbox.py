@@ -68,9 +68,7 @@ def sort_key(contact: dict) -> tuple[str, int]:
 
 @pytest.fixture(scope="module")
 def shared():
-    """One sandbox for this module's tests that leave the CRM's data as it is.
-
-    """
+    """One sandbox for this module's tests that leave the CRM's data as it is."""
     with Sandbox(contacts=1000, seed=SHARED_SEED) as sb:
         yield sb
 
@@ -194,3 +192,18 @@ def test_crm_advance_modifies_the_share_and_stamps_them_with_the_new_clock(sandb
         assert after[i]["properties"]["email"] == before[i]["properties"]["email"]
     # The moved contacts are exactly what an incremental query from the new clock sees.
     assert {c["id"] for c in page_all(sandbox.crm_url, since=clock)} == moved
+
+
+def test_crm_contacts_changed_while_paging_shift_the_offsets_as_hubspot_does(sandbox):
+    # The sandbox reproduces what makes naive offset paging lose records: a contact changed
+    # between two pages moves to the end, the rest move up, and one contact is never served.
+    resp = requests.post(
+        f"{sandbox.crm_url}/_sandbox/faults",
+        json={"kind": "update_while_paging", "share": 0.05, "count": 1},
+        timeout=10,
+    )
+    assert resp.status_code == 200
+    naive = page_all(sandbox.crm_url, limit=100)
+    served_once = {c["id"] for c in naive}
+    now = {c["id"] for c in page_all(sandbox.crm_url, limit=100)}
+    assert now - served_once, "paging by offset while records change skips some"

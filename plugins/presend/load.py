@@ -41,7 +41,10 @@ create table if not exists raw.rejects (
 
 # Landed JSON per transaction: bounds memory on big first loads; each batch moves the cursor
 # only past pages that precede the next batch, so a crash between batches loses nothing.
-BATCH_BYTES = int(os.environ.get("PRESEND_LOAD_BATCH_BYTES", 512 * 1024 * 1024))
+BATCH_BYTES = int(os.environ.get("PRESEND_LOAD_BATCH_BYTES", 256 * 1024 * 1024))
+# DuckDB would take 80% of RAM by default; past this limit it spills to disk instead, so a big
+# first load stays well inside a worker's memory.
+MEMORY_LIMIT = os.environ.get("PRESEND_LOAD_MEMORY_LIMIT", "1GB")
 
 
 @dataclass
@@ -235,6 +238,8 @@ def load_stream(stream: Stream | str, files: list[str]) -> LoadResult:
         stream = sources.get(stream)
     with warehouse.connect() as con:
         con.execute("set TimeZone = 'UTC'")
+        con.execute(f"set memory_limit = '{MEMORY_LIMIT}'")
+        con.execute("set preserve_insertion_order = false")  # lets big inserts stream
         ensure_schema(con)
         done = {
             r[0]
