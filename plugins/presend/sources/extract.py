@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Protocol
+from urllib.parse import urlsplit
 
 import requests
 
@@ -181,6 +182,9 @@ class LinkHeaderPaginator:
             nxt = resp.links.get("next", {}).get("url")
             if not nxt:
                 return
+            if urlsplit(nxt).netloc != urlsplit(url).netloc:
+                # The token goes with every call: never follow a link to another host.
+                raise RuntimeError(f"{stream.name}: next page link leaves {urlsplit(url).netloc}")
             resp = _checked(client.get(nxt))
 
 
