@@ -34,11 +34,11 @@ create table if not exists push_ledger (
     fields_hash varchar not null,
     acknowledged_at timestamp not null,
     email varchar,
-    fields json,
+    fields varchar,  -- JSON of every merge field as acknowledged (varchar: no parse per row)
     primary key (esp, contact_id)
 );
 alter table push_ledger add column if not exists email varchar;
-alter table push_ledger add column if not exists fields json;
+alter table push_ledger add column if not exists fields varchar;
 create table if not exists push_rejects (
     esp varchar not null,
     contact_id varchar not null,
@@ -50,7 +50,7 @@ create table if not exists push_rejects (
 create table if not exists push_jobs (
     esp varchar not null,
     job_id varchar not null,
-    batch json not null,
+    batch varchar not null,  -- JSON: the entries of the batch, to collect it after a crash
     submitted_at timestamp not null,
     primary key (esp, job_id)
 );
@@ -105,9 +105,26 @@ class Plan:
 
     merge_fields: list[str]
     counts: dict[str, int]
-    rows: list[tuple]  # new and changed contacts, as the plan query returns them
     clears: list[Pending]
     held_fields: set[str]  # merge fields the ESP may hold values of (from the ledger)
+    con: duckdb.DuckDBPyConnection
+    rows_sql: str  # new and changed contacts with their ledger entries
+    params: dict
+
+    @property
+    def to_send(self) -> int:
+        return self.counts["new"] + self.counts["changed"] + self.counts["cleared"]
+
+    def _rows(self) -> Iterator[tuple]:
+        # A cursor of its own: rows stream in while the push's connection writes the ledger
+        # (the cursor reads the snapshot taken when it started).
+        cur = self.con.cursor()
+        try:
+            cur.execute(self.rows_sql, self.params)
+            while chunk := cur.fetchmany(2000):
+                yield from chunk
+        finally:
+            cur.close()
 
     def pending(self, unsent: list[Pending] | None = None) -> Iterator[Pending]:
         """New, changed and cleared contacts; ones whose values the ESP already holds (the
@@ -122,7 +139,7 @@ class Plan:
             ledger_email,
             values_json,
             *vals,
-        ) in self.rows:
+        ) in self._rows():
             values = dict(zip(merge_fields, vals, strict=True))
             held = json.loads(ledger_fields) if ledger_fields else None
             email = vals[email_at] if email_at is not None else ""
@@ -196,7 +213,7 @@ def plan(con: duckdb.DuckDBPyConnection, esp: str) -> Plan:
         "push_ledger"
         if _has_table(con, "push_ledger")
         else "(select null::varchar esp, null::varchar contact_id, null::varchar fields_hash,"
-        " null::varchar email, null::json fields where false)"
+        " null::varchar email, null::varchar fields where false)"
     )
     rejects = (
         "push_rejects"
@@ -245,12 +262,11 @@ def plan(con: duckdb.DuckDBPyConnection, esp: str) -> Plan:
         counts[kind] = n
     counts["candidates"] = sum(counts.values())
     as_json = ", ".join(f"'{f}', \"{f}\"" for f in merge_fields)
-    rows = con.execute(
+    rows_sql = (
         f"select contact_id, fields_hash, ledger_hash, ledger_fields, ledger_email, "
         f"json_object({as_json})::varchar, {', '.join(quoted)} "
-        f"from ({classified}) where kind in ('new', 'changed') order by contact_id",
-        params,
-    ).fetchall()
+        f"from ({classified}) where kind in ('new', 'changed') order by contact_id"
+    )
     for cid, email, fields_json in con.execute(
         f"""
         select l.contact_id, l.email, l.fields::varchar from {ledger} as l
@@ -275,7 +291,7 @@ def plan(con: duckdb.DuckDBPyConnection, esp: str) -> Plan:
             {"esp": esp},
         ).fetchall()
     }
-    return Plan(merge_fields, counts, rows, clears, held_fields)
+    return Plan(merge_fields, counts, clears, held_fields, con, rows_sql, params)
 
 
 def _save_outcome(
@@ -290,7 +306,7 @@ def _save_outcome(
             "insert into push_ledger "
             "(esp, contact_id, fields_hash, acknowledged_at, email, fields) "
             "select $esp, unnest($ids::varchar[]), unnest($hashes::varchar[]), now()::timestamp, "
-            "unnest($emails::varchar[]), unnest($fields::varchar[])::json "
+            "unnest($emails::varchar[]), unnest($fields::varchar[]) "
             "on conflict (esp, contact_id) do update set fields_hash = excluded.fields_hash, "
             "acknowledged_at = excluded.acknowledged_at, email = excluded.email, "
             "fields = excluded.fields",
@@ -376,7 +392,7 @@ def push(adapter: EspAdapter) -> PushResult:
                 f"esp_merge_fields is empty but {ledger_size} contacts were pushed to "
                 f"{adapter.name}: refusing to clear them all (check the dbt build)"
             )
-        if not (todo.rows or todo.clears):
+        if not todo.to_send:
             return result  # nothing to send: not a single request to the ESP
         adapter.prepare(sorted(set(todo.merge_fields) | todo.held_fields))
         unsent: list[Pending] = []
@@ -395,7 +411,7 @@ def push(adapter: EspAdapter) -> PushResult:
             job_id = adapter.submit([(e["contact_id"], e["record"]) for e in batch_entries], body)
             # Known before polling: a crash from here on is recovered without resending.
             con.execute(
-                "insert into push_jobs values (?, ?, ?::json, now()::timestamp)",
+                "insert into push_jobs values (?, ?, ?, now()::timestamp)",
                 [adapter.name, job_id, json.dumps(batch_entries)],
             )
             outcome = _collect_and_save(con, adapter, job_id, batch_entries)
@@ -446,7 +462,7 @@ def preview(esp: str, sample: int = 5) -> dict:
     field diffs (contact ids; personal data masked)."""
     with warehouse.connect(read_only=True) as con:
         todo = plan(con, esp)
-    pending = list(todo.pending())
+        pending = list(todo.pending())
     diffs = []
     for p in pending[:sample]:
         diffs.append(
