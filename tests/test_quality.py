@@ -134,6 +134,11 @@ def test_row_level_failures_quarantine_only_the_offending_contacts(fresh_source)
     # Reasons and failure summaries carry ids and counts, never the offending values.
     stored = json.dumps(query("select * from quality_results")) + json.dumps(result.to_dict())
     assert "no-at-sign" not in stored and "dup-of-five" not in stored and "N" * 51 not in stored
+    # Nor do the stored validation results and the Data Docs pages.
+    for written in (fresh_source / "gx").rglob("*.*"):
+        if written.suffix in (".json", ".html"):
+            text = written.read_text()
+            assert "no-at-sign" not in text and "dup-of-five" not in text, written
 
 
 def test_quarantine_is_replaced_on_every_run_and_kept_in_history(fresh_source):
