@@ -30,8 +30,6 @@ CONTACTS = "/v3/marketing/contacts"
 FIELDS = "/v3/marketing/field_definitions"
 IMPORTS = "/v3/marketing/contacts/imports/{id}"
 
-SendGridError = EspError  # the name callers used before adapters shared one error type
-
 
 class SendGrid:
     name = "sendgrid"
@@ -55,13 +53,6 @@ class SendGrid:
         self.poll_interval = poll_interval
         self.job_timeout = job_timeout
         self.field_ids: dict[str, str] = {}
-
-    @classmethod
-    def from_airflow(cls, conn_id: str, **kwargs) -> SendGrid:
-        """Base URL and API key from an Airflow Connection (password = API key)."""
-        from presend import esp
-
-        return esp.from_airflow("sendgrid", conn_id, **kwargs)  # type: ignore[return-value]
 
     def _call(self, method: str, path: str, route: str | None = None, **kwargs) -> dict | list:
         resp = self.client.call(method, path, route or path, **kwargs)
