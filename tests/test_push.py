@@ -724,3 +724,27 @@ def test_preview_command_prints_the_counts(rows, sandbox, sendgrid, tmp_path):
     assert rows[0]["EMAIL"] not in proc.stdout
     assert "R***" in proc.stdout  # a first name is personal data: masked
     assert ledger()[rows[0]["contact_id"]] != rows[0]["fields_hash"]
+
+
+def test_a_ledger_from_before_field_values_were_kept_is_upgraded_in_place(rows, sandbox, sendgrid):
+    # The skeleton's ledger: hashes only, no email or field values.
+    with warehouse.connect() as con:
+        con.execute(
+            "create table push_ledger (esp varchar not null, contact_id varchar not null, "
+            "fields_hash varchar not null, acknowledged_at timestamp not null, "
+            "primary key (esp, contact_id))"
+        )
+        con.executemany(
+            "insert into push_ledger values ('sendgrid', ?, ?, now()::timestamp)",
+            [[r["contact_id"], r["fields_hash"]] for r in rows[:-1]],
+        )
+    rows[0] = make_row(1, FIRST_NAME="Renamed")
+    write_merge_fields([*rows[:-2], rows[-1]])  # and one contact gone
+
+    result = push.push(sendgrid)
+
+    # Unchanged contacts stay unsent; a changed one goes in full (its old values are unknown);
+    # the one that left cannot be cleared without its email, and nothing fails.
+    assert (result.changed, result.new, result.cleared, result.pushed) == (1, 1, 0, 2)
+    assert held(sandbox.esp_url)[rows[0]["EMAIL"]]["first_name"] == "Renamed"
+    assert push.push(sendgrid).pushed == 0

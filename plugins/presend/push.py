@@ -271,6 +271,8 @@ def plan(con: duckdb.DuckDBPyConnection, esp: str) -> Plan:
         f"""
         select l.contact_id, l.email, l.fields::varchar from {ledger} as l
         where l.esp = $esp and l.fields_hash <> '{CLEARED}'
+            -- ledger rows from before emails were kept cannot be addressed in the ESP
+            and l.email is not null
             and not exists (select 1 from esp_merge_fields m where m.contact_id = l.contact_id)
             and not exists (
                 select 1 from {rejects} r where r.esp = $esp and r.contact_id = l.contact_id
