@@ -89,6 +89,13 @@ def landed_sql(stream: Stream) -> str:
     payload = ",\n        ".join(f"{c.sql} as {c.name}" for c in stream.columns)
     checks = "\n        ".join(f"when {cond} then '{reason}'" for cond, reason in stream.checks)
     key, cursor = stream.primary_key, stream.cursor
+    paths = [_json_path([key]), _json_path(stream.cursor_path)]
+    paths += [_json_path([name]) for name in stream.fields]
+    paths_sql = ", ".join(f"'{p}'" for p in paths)
+    fields = "".join(
+        f"f[{n}] as field_{name},\n        " for n, name in enumerate(stream.fields, 3)
+    )
+    field_names = "".join(f", field_{name}" for name in stream.fields)
     return f"""
 create or replace temp table landed as
 with pages as (
@@ -97,20 +104,24 @@ with pages as (
         as rec
     from read_text($files)
 ),
+extracted as (
+    -- One parse per record for every field the load reads (each `->` would parse again).
+    select landing_file, rec, json_type(rec) as rec_type, json_extract(rec, [{paths_sql}]) as f
+    from pages
+),
 parsed as (
     select
         landing_file,
         rec,
-        json_type(rec) as rec_type,
-        json_type(rec -> '{key}') as id_type,
-        rec ->> '{key}' as id,
-        timezone('UTC', try_cast(rec ->> '{_json_path(stream.cursor_path)}' as timestamptz))
-            as {cursor},
-        {payload}
-    from pages
+        rec_type,
+        json_type(f[1]) as id_type,
+        f[1] ->> '$' as id,
+        timezone('UTC', try_cast(f[2] ->> '$' as timestamptz)) as {cursor},
+        {fields}{payload}
+    from extracted
 )
 select
-    * exclude (rec_type, id_type),
+    * exclude (rec_type, id_type{field_names}),
     case
         when rec_type is distinct from 'OBJECT' then 'record is not a JSON object'
         when nullif(trim(id), '') is null then 'missing primary key {key}'

@@ -22,10 +22,11 @@ EVENTS = Stream(
     cursor="occurred_at",
     cursor_path=["occurred_at"],
     page_size=5000,
+    fields=("type", "product_id"),
     checks=(
-        ("json_type(rec -> 'type') is distinct from 'VARCHAR'", "type missing or not a string"),
+        ("json_type(field_type) is distinct from 'VARCHAR'", "type missing or not a string"),
         (
-            "coalesce(json_type(rec -> 'product_id'), 'NULL') not in ('NULL', 'UBIGINT', 'BIGINT')",
+            "coalesce(json_type(field_product_id), 'NULL') not in ('NULL', 'UBIGINT', 'BIGINT')",
             "product_id is not a number",
         ),
     ),

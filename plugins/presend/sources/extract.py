@@ -79,6 +79,8 @@ class Stream:
     params: dict = field(default_factory=dict)
     auth: Callable[[str], dict[str, str]] = lambda token: {"Authorization": f"Bearer {token}"}
     columns: tuple[Column, ...] = (Column("record", "json", "rec"),)
+    # Top-level fields the checks read, as JSON columns `field_<name>` (parsed once).
+    fields: tuple[str, ...] = ()
     # (SQL condition over the parsed row, reason): a record meeting it goes to raw.rejects.
     checks: tuple[tuple[str, str], ...] = ()
     lookback: timedelta = timedelta(0)

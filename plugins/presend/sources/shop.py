@@ -18,7 +18,9 @@ def _shopify_auth(token: str) -> dict[str, str]:
     return {"X-Shopify-Access-Token": token}
 
 
-def _shop_stream(name: str, resource: str, params: dict, checks: tuple) -> Stream:
+def _shop_stream(
+    name: str, resource: str, params: dict, fields: tuple[str, ...], checks: tuple
+) -> Stream:
     return Stream(
         name=name,
         conn_id=CONN_ID,
@@ -30,6 +32,7 @@ def _shop_stream(name: str, resource: str, params: dict, checks: tuple) -> Strea
         page_size=250,
         params={"order": "updated_at asc"} | params,
         auth=_shopify_auth,
+        fields=fields,
         checks=checks,
         leak_per_second=2.0,
     )
@@ -39,10 +42,11 @@ ORDERS = _shop_stream(
     "shop_orders",
     "orders",
     {"status": "any"},  # Shopify lists only open orders unless asked: cancellations count
+    ("line_items", "total_price"),
     (
-        ("json_type(rec -> 'line_items') is distinct from 'ARRAY'", "line_items is not a list"),
+        ("json_type(field_line_items) is distinct from 'ARRAY'", "line_items is not a list"),
         (
-            "try_cast(rec ->> 'total_price' as decimal(18, 2)) is null",
+            "try_cast(field_total_price ->> '$' as decimal(18, 2)) is null",
             "total_price missing or not a decimal",
         ),
     ),
@@ -51,5 +55,6 @@ PRODUCTS = _shop_stream(
     "shop_products",
     "products",
     {},
-    (("json_type(rec -> 'variants') is distinct from 'ARRAY'", "variants is not a list"),),
+    ("variants",),
+    (("json_type(field_variants) is distinct from 'ARRAY'", "variants is not a list"),),
 )
