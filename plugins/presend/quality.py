@@ -113,20 +113,22 @@ def _fetch_frame(con: duckdb.DuckDBPyConnection, sql: str):
 
     con.execute(sql)
     chunks = []
+    distinct: set[str] = set()  # string columns not worth compacting (ids, emails, hashes)
     while True:
         chunk = con.fetch_df_chunk(64)  # 64 vectors of 2,048 rows
         if chunk.empty:
             if not chunks:
-                chunks.append(_for_gx(chunk))
+                chunks.append(_for_gx(chunk, distinct))
             break
-        chunks.append(_for_gx(chunk))
+        chunks.append(_for_gx(chunk, distinct))
     return chunks[0] if len(chunks) == 1 else pd.concat(chunks, ignore_index=True, copy=False)
 
 
-def _for_gx(frame):
+def _for_gx(frame, distinct: set[str]):
     """Dtypes on GX's fast paths: numpy int64/float64 (other widths fall back to a Python
     loop per value in expect_column_values_to_be_between) and object strings (whose null
-    checks are vectorised, unlike pandas' Python-backed string dtype)."""
+    checks are vectorised, unlike pandas' Python-backed string dtype). String columns found
+    mostly distinct are added to `distinct` and not compacted in later chunks."""
     import numpy as np
     import pandas as pd
 
@@ -138,12 +140,15 @@ def _for_gx(frame):
         elif pd.api.types.is_float_dtype(column.dtype) and column.dtype != "float64":
             frame[name] = column.astype("float64")
         elif pd.api.types.is_string_dtype(column.dtype):
-            codes, uniques = pd.factorize(column, use_na_sentinel=True)
-            if len(uniques) * 2 < len(column):
-                values = np.asarray(uniques, dtype=object).take(codes)
-                values[codes < 0] = None
-                frame[name] = pd.Series(values, index=column.index, dtype=object)
-            elif column.dtype != object:
+            if name not in distinct:
+                codes, uniques = pd.factorize(column, use_na_sentinel=True)
+                if len(uniques) * 2 < len(column):
+                    values = np.asarray(uniques, dtype=object).take(codes)
+                    values[codes < 0] = None
+                    frame[name] = pd.Series(values, index=column.index, dtype=object)
+                    continue
+                distinct.add(name)
+            if column.dtype != object:
                 frame[name] = column.astype(object)
     return frame
 
