@@ -270,3 +270,18 @@ def test_table_level_failures_block_the_push(fresh_source, rows, columns, expect
     assert expected in str(err.value)
     assert "nothing is pushed" in str(err.value)
     assert query("select outcome from quality_runs") == [("blocked",)]
+
+
+def test_only_the_newest_runs_keep_validation_results_and_data_docs_pages(
+    fresh_source, monkeypatch
+):
+    monkeypatch.setattr(quality, "KEEP_RUNS", 2)
+    write_merge_fields(contacts(100))
+    for n in range(4):
+        quality.gate(f"run-{n}")
+    pages = fresh_source / "gx" / "data_docs" / "validations" / "esp_merge_fields"
+    assert sorted(p.name for p in pages.iterdir()) == ["run-2", "run-3"]
+    results = fresh_source / "gx" / "validations" / "esp_merge_fields"
+    assert sorted(p.name for p in results.iterdir()) == ["run-2", "run-3"]
+    # The warehouse keeps every run's results.
+    assert query("select count(distinct run_id) from quality_results") == [(4,)]

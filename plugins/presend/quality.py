@@ -32,6 +32,9 @@ import duckdb
 from presend import config, quality_history, settings, warehouse
 
 CHECKPOINTS = {"source_health": "source_health", "pre_send_gate": "esp_merge_fields"}
+# Validation results and their Data Docs pages kept per suite (the warehouse keeps every
+# run's results in quality_results; the index lists the same number).
+KEEP_RUNS = 60
 ROW_LEVEL_INDEX = "contact_id"
 # Raw tables that are not sources.
 NOT_SOURCES = {"sync_state", "load_log", "rejects"}
@@ -297,6 +300,18 @@ def _docs_page(context, identifier) -> str:
     return str(data_docs_index())
 
 
+def _prune(keep: int = KEEP_RUNS) -> None:
+    """Drop the oldest runs' validation results and Data Docs pages beyond `keep` per suite,
+    so the site index (rebuilt every run) does not slow down as runs accumulate."""
+    for store in (gx_dir() / "validations", gx_dir() / "data_docs" / "validations"):
+        for suite in (d for d in store.glob("*") if d.is_dir()):
+            runs = sorted(
+                (d for d in suite.iterdir() if d.is_dir()), key=lambda d: d.stat().st_mtime
+            )
+            for old in runs[:-keep]:
+                shutil.rmtree(old, ignore_errors=True)
+
+
 # --- the gate ----------------------------------------------------------------------------
 
 
@@ -335,6 +350,7 @@ def gate(run_id: str | None = None, run_started_at: datetime | None = None) -> Q
     # only to label the batch; presend labels batches by run id instead.
     pandas_execution_engine.HASH_THRESHOLD = 0
 
+    _prune(KEEP_RUNS - 1)
     context = gx.get_context(mode="file", context_root_dir=str(root))
     results: list[dict] = []
     quarantine: dict[str, list[str]] = {}

@@ -91,6 +91,8 @@ def _docs_href(path: str | None) -> str | None:
         rel = Path(path).resolve().relative_to(docs_dir().resolve())
     except ValueError:
         return None
+    if not (docs_dir() / rel).is_file():  # an old run's page, pruned by the gate
+        return None
     return f"{PREFIX}/data-docs/{quote(rel.as_posix())}"
 
 
