@@ -278,3 +278,13 @@ def test_browser_logs_in_and_reads_the_quality_page_and_data_docs(server, tmp_pa
             browser.close()
     for shot in ("quality-in-airflow.png", "quality-page.png", "data-docs.png"):
         assert (tmp_path / shot).stat().st_size > 10_000
+
+
+def test_the_plugin_does_not_import_great_expectations():
+    # The api-server imports every plugin at start-up; GX alone takes seconds to import.
+    code = (
+        "import sys, presend_ui_plugin, presend.pipeline;"
+        "assert 'great_expectations' not in sys.modules, 'GX imported'"
+    )
+    env = cli.airflow_env()
+    subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=300)
