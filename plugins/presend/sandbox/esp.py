@@ -75,6 +75,7 @@ class EspState:
     rate_limits: dict[str, tuple[int, int]] = field(default_factory=dict)
     windows: dict[str, tuple[float, int]] = field(default_factory=dict)
     fail_next: int = 0  # the next n vendor API requests answer 503
+    throttle_next: int = 0  # the next n vendor API requests answer 429, Retry-After: 1
     transient_rejects: dict[str, int] = field(default_factory=dict)  # email -> times left
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -279,6 +280,10 @@ def create_app(api_key: str = "sandbox-esp-key", state_file: Path | None = None)
             failing = state.fail_next > 0
             if failing:
                 state.fail_next -= 1
+            if state.throttle_next > 0:
+                # As if another client of this account had used up the window.
+                state.throttle_next -= 1
+                taken = (False, {"limit": 1, "remaining": 0, "reset_at": time.time() + 1})
         headers = {}
         if taken is not None:
             allowed, info = taken
@@ -492,7 +497,7 @@ def create_app(api_key: str = "sandbox-esp-key", state_file: Path | None = None)
         """Configure rate limits and faults.
 
         `{"rate_limits": {"PUT /v3/marketing/contacts": [limit, window_seconds]},
-        "fail_next": n, "transient_rejects": {"email": times}}`.
+        "fail_next": n, "throttle_next": n, "transient_rejects": {"email": times}}`.
         """
         body = await request.json()
         with state.lock:
@@ -503,6 +508,8 @@ def create_app(api_key: str = "sandbox-esp-key", state_file: Path | None = None)
                 state.windows.clear()
             if "fail_next" in body:
                 state.fail_next = int(body["fail_next"])
+            if "throttle_next" in body:
+                state.throttle_next = int(body["throttle_next"])
             if "transient_rejects" in body:
                 state.transient_rejects = {
                     e.strip().lower(): int(n) for e, n in body["transient_rejects"].items()
