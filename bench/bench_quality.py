@@ -69,15 +69,18 @@ def build(path: Path, contacts: int) -> None:
 # The gate as the Airflow task runs it: a fresh process that imports GX, then validates.
 GATE = """
 import json, resource, time
-t0 = time.perf_counter()
+def cpu():
+    u = resource.getrusage(resource.RUSAGE_SELF)
+    return u.ru_utime + u.ru_stime
+t0, c0 = time.perf_counter(), cpu()
 import great_expectations
-t1 = time.perf_counter()
+t1, c1 = time.perf_counter(), cpu()
 from presend import quality
 r = quality.gate()
-t2 = time.perf_counter()
-u = resource.getrusage(resource.RUSAGE_SELF)
-print(json.dumps({"import": t1 - t0, "gate": t2 - t1, "outcome": r.outcome, "rows": r.rows,
-    "passed": r.passed, "rss_mb": u.ru_maxrss / 1024, "cpu": u.ru_utime + u.ru_stime}))
+t2, c2 = time.perf_counter(), cpu()
+print(json.dumps({"import": t1 - t0, "gate": t2 - t1, "import_cpu": c1 - c0, "gate_cpu": c2 - c1,
+    "outcome": r.outcome, "rows": r.rows, "passed": r.passed,
+    "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """
 
 
@@ -110,13 +113,11 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     r = json.loads(out.stdout.strip().splitlines()[-1])
     print(f"gate outcome: {r['outcome']} on {r['rows']:,} rows, {r['passed']} expectations passed")
-    print(f"  import great_expectations   {r['import']:6.1f} s")
-    print(f"  validation (gate)           {r['gate']:6.1f} s")
-    print(f"  whole process (wall)        {wall:6.1f} s")
-    print(
-        f"  CPU time of the process     {r['cpu']:6.1f} s "
-        f"(user + sys; load average {os.getloadavg()[0]:.1f})"
-    )
+    print("                               wall     CPU (user + sys)")
+    print(f"  import great_expectations   {r['import']:5.1f} s  {r['import_cpu']:5.1f} s")
+    print(f"  validation (the gate)       {r['gate']:5.1f} s  {r['gate_cpu']:5.1f} s")
+    print(f"  whole process               {wall:5.1f} s")
+    print(f"  load average during the run {os.getloadavg()[0]:5.1f} (on {os.cpu_count()} CPUs)")
     print(f"  peak RSS                    {r['rss_mb']:6,.0f} MB")
     ok = r["outcome"] == "passed" and r["gate"] <= BUDGET_SECONDS and r["rss_mb"] <= BUDGET_RSS_MB
     verdict = "OK" if ok else "OVER BUDGET"
