@@ -402,7 +402,11 @@ def gate(run_id: str | None = None, run_started_at: datetime | None = None) -> Q
                         .get_batch_definition("whole_table")
                         .get_batch(batch_parameters={"dataframe": df})
                     )
-                for contact in _offending_contacts(batch, cfg_e.to_domain_obj(), params):
+                offending = _offending_contacts(batch, cfg_e.to_domain_obj(), params)
+                if not offending:
+                    # A failure the quarantine cannot attribute to contacts must not pass.
+                    table_failures.append(label + " (offending contacts not identified)")
+                for contact in offending:
                     quarantine.setdefault(contact, []).append(reason)
     for e in skipped:
         results.append(
