@@ -748,3 +748,23 @@ def test_a_ledger_from_before_field_values_were_kept_is_upgraded_in_place(rows, 
     assert (result.changed, result.new, result.cleared, result.pushed) == (1, 1, 0, 2)
     assert held(sandbox.esp_url)[rows[0]["EMAIL"]]["first_name"] == "Renamed"
     assert push.push(sendgrid).pushed == 0
+
+
+def test_a_changed_email_moves_the_fields_and_clears_them_under_the_old_email(rows, esp):
+    push.push(esp.adapter)
+    old = rows[2]
+    rows[2] = make_row(3, EMAIL="moved3@example.com")
+    write_merge_fields(rows)
+
+    result = push.push(esp.adapter)
+
+    assert (result.changed, result.rejected) == (1, 0)
+    holding = esp.held()
+    assert holding["moved3@example.com"]["FIRST_NAME"] == old["FIRST_NAME"]
+    assert holding["moved3@example.com"]["LOYALTY_TIER"] == old["LOYALTY_TIER"]
+    assert not holding[old["EMAIL"]]["FIRST_NAME"]
+    assert not holding[old["EMAIL"]].get("LOYALTY_TIER")
+    assert vendor_ledger(esp.vendor)[old["contact_id"]] == rows[2]["fields_hash"]
+    writes = esp.writes()
+    assert push.push(esp.adapter).pushed == 0
+    assert esp.writes() == writes

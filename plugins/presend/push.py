@@ -59,6 +59,7 @@ create table if not exists push_jobs (
 ENVELOPE_BYTES = 64  # an upper bound of the request body around the records
 MAX_TRANSIENT_ATTEMPTS = 5  # then a transiently rejected record waits for new values
 CLEARED = "cleared"  # fields_hash of a clear: the contact left esp_merge_fields
+OLD_EMAIL = "#old-email"  # suffix of the entry that clears a contact under its old email
 # Merge fields whose values are personal data: masked in previews and never logged.
 PII_MARKERS = ("EMAIL", "NAME", "PHONE")
 
@@ -145,6 +146,12 @@ class Plan:
             email = vals[email_at] if email_at is not None else ""
             if ledger_hash is None or held is None or ledger_email != email:
                 # New to this ESP, or under a new email (a new ESP contact): every field.
+                if held and ledger_email:
+                    # The contact under its old email must not keep stale fields: clear it
+                    # (its own entry; the ledger follows the new email).
+                    old = {f: None for f in held if f != "EMAIL"}
+                    old_change = Change(f"{cid}{OLD_EMAIL}", ledger_email, old)
+                    yield Pending(old_change, CLEARED, "cleared", None, held)
                 kind, diff, held = "new" if ledger_hash is None else "changed", values, {}
             else:
                 kind = "changed"
@@ -204,11 +211,17 @@ def _has_table(con: duckdb.DuckDBPyConnection, name: str) -> bool:
     )
 
 
-def plan(con: duckdb.DuckDBPyConnection, esp: str) -> Plan:
+def plan(
+    con: duckdb.DuckDBPyConnection, esp: str, audience: tuple[str, dict] | None = None
+) -> Plan:
     """What a push would send now: new, changed and cleared contacts, with counts.
 
-    Reads only; works before the push tables exist (a first preview).
+    `audience` (a SQL condition over esp_merge_fields and its named parameters, from
+    presend.campaigns.audience_filter) limits new and changed contacts to a campaign batch;
+    clears (contacts that left esp_merge_fields) are never limited. Reads only; works before
+    the push tables exist (a first preview).
     """
+    where, audience_params = audience or ("true", {})
     ledger = (
         "push_ledger"
         if _has_table(con, "push_ledger")
@@ -247,7 +260,7 @@ def plan(con: duckdb.DuckDBPyConnection, esp: str) -> Plan:
                 when l.fields_hash is null then 'new'
                 else 'changed'
             end as kind
-        from esp_merge_fields as m
+        from (select * from esp_merge_fields where {where}) as m
         left join {ledger} as l on l.esp = $esp and l.contact_id = m.contact_id
         left join {quarantine} as q on q.contact_id = m.contact_id
         left join (
@@ -256,7 +269,7 @@ def plan(con: duckdb.DuckDBPyConnection, esp: str) -> Plan:
             from {rejects} where esp = $esp group by all
         ) as r on r.contact_id = m.contact_id and r.fields_hash = m.fields_hash
         """
-    params = {"esp": esp}
+    params = {"esp": esp, **audience_params}
     by_kind = f"select kind, count(*) from ({classified}) group by kind"
     for kind, n in con.execute(by_kind, params).fetchall():
         counts[kind] = n
@@ -375,13 +388,16 @@ def _recover(con: duckdb.DuckDBPyConnection, adapter: EspAdapter, result: PushRe
         log.info("collected %d import jobs left by an earlier run", result.recovered_jobs)
 
 
-def push(adapter: EspAdapter) -> PushResult:
-    """Push what changed since the ESP's last acknowledgement; move the ledger per batch."""
+def push(adapter: EspAdapter, audience: tuple[str, dict] | None = None) -> PushResult:
+    """Push what changed since the ESP's last acknowledgement; move the ledger per batch.
+
+    `audience` limits the push to a campaign batch's contacts (see `plan`).
+    """
     result = PushResult(esp=adapter.name)
     with warehouse.connect() as con:
         ensure_schema(con)
         _recover(con, adapter, result)
-        todo = plan(con, adapter.name)
+        todo = plan(con, adapter.name, audience)
         for key, value in todo.counts.items():
             setattr(result, key, value)
         result.skipped = todo.counts["unchanged"] + todo.counts["given_up"]
@@ -389,7 +405,8 @@ def push(adapter: EspAdapter) -> PushResult:
             "select count(*) from push_ledger where esp = ? and fields_hash <> ?",
             [adapter.name, CLEARED],
         ).fetchone()[0]
-        if todo.counts["candidates"] == 0 and ledger_size:
+        total = con.execute("select count(*) from esp_merge_fields").fetchone()[0]
+        if total == 0 and ledger_size:
             raise PushSafetyError(
                 f"esp_merge_fields is empty but {ledger_size} contacts were pushed to "
                 f"{adapter.name}: refusing to clear them all (check the dbt build)"
