@@ -65,3 +65,7 @@ clean:  ## remove the local Airflow home, warehouse and landing zone (not the ve
 bench-ingest: $(VENV)/.synced  ## ingest benchmark, not in `make test`: presend vs DuckDB read_json vs dlt
 	$(UV) sync --frozen --group bench
 	$(RUN) bench/bench_ingest.py $(ARGS)
+
+.PHONY: bench-transform
+bench-transform: $(VENV)/.synced  ## dbt: full refresh vs incremental after a 1% change (ARGS="--contacts 1000000 --events 10000000")
+	$(RUN) bench/bench_transform.py $(ARGS)

@@ -8,7 +8,7 @@ import ast
 import pytest
 from airflow.models.dagbag import DagBag
 
-from presend import settings
+from presend import settings, transform_cosmos
 
 _LOAD_STREAMS = {"plan_streams", "load_crm_contacts", "load_shop_orders", "load_shop_products"}
 _LOAD_STREAMS |= {"load_events"}
@@ -21,6 +21,7 @@ WAREHOUSE_WRITERS = {
     "presend_ingest": {"plan_streams", "load_stream"},
     "presend_campaign_winter_sale": _LOAD_STREAMS
     | {"choose_refresh", "build_models", "gate_merge_fields", "push_batch", "record_batch_run"},
+    "presend_transform": transform_cosmos.warehouse_task_ids(),  # every dbt task + docs
 }
 # The task that records the run's report: it runs even after a failure.
 REPORTERS = {"presend_sync": "record_sync_run", "presend_campaign_winter_sale": "record_batch_run"}

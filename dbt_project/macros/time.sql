@@ -25,10 +25,18 @@
 {#-
   Where an incremental staging model resumes: the newest `_loaded_at` it has (inclusive, so
   rows merged in the same instant are never skipped; delete+insert makes the overlap safe).
+  Looked up before the model runs and inlined as a literal, so the warehouse can skip the
+  raw table's older row groups instead of reading every payload.
 -#}
 {% macro incremental_watermark() -%}
-    (
-        select coalesce(max(loaded_at), cast('1900-01-01' as {{ dbt.type_timestamp() }}))
-        from {{ this }}
-    )
+    {%- set newest = none -%}
+    {%- if execute -%}
+        {%- set result = run_query('select max(loaded_at) from ' ~ this) -%}
+        {%- set newest = result.columns[0].values()[0] -%}
+    {%- endif -%}
+    {%- if newest is none -%}
+        cast('1900-01-01' as {{ dbt.type_timestamp() }})
+    {%- else -%}
+        cast('{{ newest }}' as {{ dbt.type_timestamp() }})
+    {%- endif -%}
 {%- endmacro %}

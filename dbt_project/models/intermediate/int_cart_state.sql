@@ -60,7 +60,7 @@ abandoned as (
         on
             carted.contact_id = ordered.contact_id
             and carted.product_id = ordered.product_id
-            and ordered.last_ordered_at >= carted.carted_at
+            and carted.carted_at <= ordered.last_ordered_at
     left join {{ ref('stg_shop__products') }} as products
         on carted.product_id = products.product_id
     where ordered.contact_id is null

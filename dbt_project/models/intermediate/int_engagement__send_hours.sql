@@ -9,22 +9,22 @@ contacts as (
 
     select
         contacts.contact_id,
-        coalesce(zones.name, 'UTC') as time_zone
+        coalesce(zones.zone_name, 'UTC') as time_zone
 
     from {{ ref('stg_crm__contacts') }} as contacts
-    left join {{ valid_time_zones() }} as zones on contacts.time_zone = zones.name
+    left join {{ valid_time_zones() }} as zones on contacts.time_zone = zones.zone_name
 
 ),
 
 opens as (
 
     select
-        identity.contact_id,
+        email_owners.contact_id,
         events.occurred_at
 
     from {{ ref('stg_analytics__events') }} as events
-    inner join {{ ref('int_identity__contact_emails') }} as identity
-        on events.email = identity.email
+    inner join {{ ref('int_identity__contact_emails') }} as email_owners
+        on events.email = email_owners.email
     where
         events.event_type = 'email_opened'
         and events.occurred_at > {{ dbt.dateadd('day', -180, as_of()) }}

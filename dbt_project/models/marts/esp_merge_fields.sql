@@ -92,8 +92,10 @@ hashed as (
 
     select
         *,
-        cast({{ dbt.hash(dbt.concat(merge_field_text(merge_fields))) }}
-            as {{ dbt.type_string() }}) as fields_hash
+        cast(
+            {{ dbt.hash(dbt.concat(merge_field_text(merge_fields))) }}
+            as {{ dbt.type_string() }}
+        ) as fields_hash
     from merge_fields
 
 )

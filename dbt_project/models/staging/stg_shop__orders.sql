@@ -35,8 +35,7 @@ refunds as (
 
     from source
     cross join lateral {{ json_array_rows("source.record -> 'refunds'") }} as refund
-    cross join lateral
-        {{ json_array_rows("refund.value -> 'transactions'") }} as refund_transaction
+    cross join lateral {{ json_array_rows("refund.value -> 'transactions'") }} as refund_transaction
     group by source.id
 
 ),

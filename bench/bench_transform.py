@@ -1,0 +1,208 @@
+"""Benchmark of the dbt transform: a full refresh against an incremental run after 1% of the
+contacts changed (with 1% more orders and events), on synthetic raw tables shaped like
+docs/raw_tables.md.
+
+    .venv/bin/python bench/bench_transform.py --contacts 1000000 --events 10000000
+
+Prints the seconds of each `dbt build` (models, snapshot and tests, as the pipeline runs it)
+and the ratio incremental / full refresh (the goal: at most 0.10), and checks that the
+incremental path gives the same esp_merge_fields as a full refresh.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "plugins"))
+
+import duckdb
+
+from presend import settings
+
+AS_OF = "2026-11-20 12:00:00"
+FIRST_LOAD = "2026-11-19 00:00:00"
+SECOND_LOAD = "2026-11-20 10:00:00"
+PRODUCTS = 2000
+
+RAW_SQL = """
+create schema if not exists raw;
+create or replace table raw.crm_contacts as
+select
+    cast(i as varchar) as id,
+    timestamp '2026-11-01' + to_seconds(i % 86400) as lastmodifieddate,
+    false as archived,
+    json_object(
+        'email', 'c' || i || '@example.com',
+        'firstname', 'Name' || i,
+        'hs_marketable_status', case when i % 12 = 0 then 'false' else 'true' end,
+        'loyalty_tier', ['bronze', 'silver', 'gold', 'platinum'][i % 4 + 1],
+        'time_zone', ['UTC', 'Europe/Berlin', 'America/New_York', 'Pacific/Auckland'][i % 4 + 1]
+    ) as properties,
+    'bench' as _landing_file,
+    timestamp '{first}' as _loaded_at
+from range({contacts}) as t(i);
+
+create or replace table raw.shop_products as
+select
+    cast(i as varchar) as id,
+    timestamp '2026-11-01' as updated_at,
+    json_object(
+        'id', i, 'title', 'Product ' || i, 'handle', 'product-' || i,
+        'product_type', 'category-' || (i % 40), 'status', 'active',
+        'variants', json_array(json_object(
+            'id', i * 10, 'price', cast(i % 100 + 0.99 as varchar),
+            'inventory_quantity', i % 7
+        ))
+    ) as record,
+    'bench' as _landing_file,
+    timestamp '{first}' as _loaded_at
+from range({products}) as t(i);
+
+create or replace table raw.shop_orders as {orders_select};
+create or replace table raw.events as {events_select};
+"""
+
+ORDERS_SELECT = """
+select
+    cast(i as varchar) as id,
+    timestamp '2026-11-01' as updated_at,
+    json_object(
+        'id', i,
+        'email', 'c' || (hash(i) % {contacts}) || '@example.com',
+        'created_at', strftime(
+            timestamp '{as_of}' - to_seconds(hash(i, 1) % (400 * 86400)) - interval 1 minute,
+            '%Y-%m-%dT%H:%M:%SZ'),
+        'updated_at', '2026-11-01T00:00:00Z',
+        'cancelled_at', case when i % 20 = 0 then '2026-11-01T00:00:00Z' end,
+        'financial_status', 'paid', 'currency', 'EUR',
+        'total_price', cast((i % 200) + 0.5 as varchar),
+        'line_items', json_array(
+            json_object('id', i * 10, 'product_id', hash(i, 2) % {products},
+                        'variant_id', 1, 'title', 'x', 'quantity', 1, 'price', '10.00'),
+            json_object('id', i * 10 + 1, 'product_id', hash(i, 3) % {products},
+                        'variant_id', 1, 'title', 'x', 'quantity', 2, 'price', '5.00')
+        ),
+        'refunds', json_array()
+    ) as record,
+    'bench' as _landing_file,
+    timestamp '{loaded}' as _loaded_at
+from range({start}, {stop}) as t(i)
+"""
+
+EVENTS_SELECT = """
+select
+    'e' || i as id,
+    timestamp '{as_of}' - to_seconds(hash(i, 1) % {window}) - interval 1 minute as occurred_at,
+    json_object(
+        'id', 'e' || i,
+        'type', ['product_viewed', 'added_to_cart', 'email_opened'][i % 3 + 1],
+        'email', 'c' || (hash(i) % {contacts}) || '@example.com',
+        'product_id', case when i % 3 <> 2 then hash(i, 2) % {products} end
+    ) as record,
+    'bench' as _landing_file,
+    timestamp '{loaded}' as _loaded_at
+from range({start}, {stop}) as t(i)
+"""
+
+
+def generate(contacts: int, events: int) -> None:
+    orders = 2 * contacts
+    fmt = {"contacts": contacts, "products": PRODUCTS, "as_of": AS_OF, "first": FIRST_LOAD}
+    sql = RAW_SQL.format(
+        **fmt,
+        orders_select=ORDERS_SELECT.format(**fmt, loaded=FIRST_LOAD, start=0, stop=orders),
+        events_select=EVENTS_SELECT.format(
+            **fmt, loaded=FIRST_LOAD, start=0, stop=events, window=200 * 86400
+        ),
+    )
+    with duckdb.connect(str(settings.warehouse_path())) as con:
+        con.execute(sql)
+
+
+def change_one_percent(contacts: int, events: int) -> None:
+    """What a later load merges: 1% of contacts changed, 1% more orders and events."""
+    orders = 2 * contacts
+    fmt = {"contacts": contacts, "products": PRODUCTS, "as_of": AS_OF, "loaded": SECOND_LOAD}
+    with duckdb.connect(str(settings.warehouse_path())) as con:
+        con.execute(
+            "update raw.crm_contacts set properties = json_merge_patch(properties, "
+            '\'{"firstname": "Changed"}\'), _loaded_at = ? where cast(id as bigint) % 100 = 0',
+            [SECOND_LOAD],
+        )
+        con.execute(
+            "insert into raw.shop_orders "
+            + ORDERS_SELECT.format(**fmt, start=orders, stop=orders + orders // 100)
+        )
+        con.execute(
+            "insert into raw.events "
+            # New events happened since the last load (the last 12 hours).
+            + EVENTS_SELECT.format(
+                **fmt, start=events, stop=events + events // 100, window=12 * 3600
+            )
+        )
+
+
+def timed_build(*args: str) -> float:
+    from presend import transform
+
+    start = time.perf_counter()
+    transform.build(*args, extra_vars={"as_of": AS_OF})
+    elapsed = time.perf_counter() - start
+    results = json.loads((transform.target_dir() / "run_results.json").read_text())["results"]
+    slowest = sorted(results, key=lambda r: -r["execution_time"])[:6]
+    print(
+        "  slowest: "
+        + ", ".join(f"{r['unique_id'].split('.')[-1]} {r['execution_time']:.1f}s" for r in slowest),
+        file=sys.stderr,
+    )
+    return elapsed
+
+
+def merge_fields_checksum() -> tuple:
+    with duckdb.connect(str(settings.warehouse_path()), read_only=True) as con:
+        return con.execute(
+            "select count(*), sum(hash(contact_id, fields_hash)) from esp_merge_fields"
+        ).fetchone()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--contacts", type=int, default=10_000)
+    parser.add_argument("--events", type=int, default=100_000)
+    parser.add_argument("--data-dir", type=Path, help="default: a temporary folder")
+    args = parser.parse_args()
+    data_dir = args.data_dir or Path(tempfile.mkdtemp(prefix="presend-bench-"))
+    os.environ["PRESEND_DATA_DIR"] = str(data_dir)
+    os.environ.pop("PRESEND_WAREHOUSE", None)
+    os.environ["PRESEND_TASK_POOL"] = settings.WAREHOUSE_POOL
+    data_dir.mkdir(parents=True, exist_ok=True)
+
+    t0 = time.perf_counter()
+    generate(args.contacts, args.events)
+    print(
+        f"raw data: {args.contacts:,} contacts, {2 * args.contacts:,} orders, "
+        f"{args.events:,} events, {PRODUCTS:,} products in {time.perf_counter() - t0:.1f}s"
+    )
+    first = timed_build("--full-refresh")
+    print(f"first full build            {first:8.1f}s")
+    change_one_percent(args.contacts, args.events)
+    incremental = timed_build()
+    incremental_fields = merge_fields_checksum()
+    print(f"incremental after 1% change {incremental:8.1f}s")
+    full = timed_build("--full-refresh")
+    print(f"full refresh, same data     {full:8.1f}s")
+    same = merge_fields_checksum() == incremental_fields
+    print(f"incremental / full refresh  {incremental / full:8.3f}  (goal <= 0.10)")
+    print(f"esp_merge_fields identical  {same}")
+    if not same:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
