@@ -104,10 +104,10 @@ def load(path: Path | None = None) -> Config:
     except FileNotFoundError as exc:
         raise ConfigError(f"configuration file {path} not found") from exc
     defaults = _get(doc, "merge_field_defaults", dict, path)
-    for field, value in defaults.items():
+    for name, value in defaults.items():
         if not isinstance(value, str) or not value.strip():
             raise ConfigError(
-                f"{path}: merge_field_defaults.{field} must be a non-empty string, got {value!r}"
+                f"{path}: merge_field_defaults.{name} must be a non-empty string, got {value!r}"
             )
     share = _get(doc, "quality.max_failed_share", float, path)
     if not 0 <= share <= 1:
