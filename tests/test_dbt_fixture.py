@@ -276,6 +276,22 @@ create table if not exists raw.events (
 """
 
 
+# Column order of raw_rows() per raw table (docs/raw_tables.md).
+RAW_COLUMNS = {
+    "crm_contacts": (
+        "id",
+        "lastmodifieddate",
+        "archived",
+        "properties",
+        "_landing_file",
+        "_loaded_at",
+    ),
+    "shop_orders": ("id", "updated_at", "record", "_landing_file", "_loaded_at"),
+    "shop_products": ("id", "updated_at", "record", "_landing_file", "_loaded_at"),
+    "events": ("id", "occurred_at", "record", "_landing_file", "_loaded_at"),
+}
+
+
 def raw_rows() -> dict[str, list[tuple]]:
     """The fixture as rows of the raw tables (docs/raw_tables.md), in column order."""
     contacts = []
@@ -320,8 +336,9 @@ def load_duckdb_fixture() -> None:
         load.ensure_schema(con)
         con.execute(RAW_TABLES_SQL)
         for table, rows in raw_rows().items():
+            cols = ", ".join(RAW_COLUMNS[table])
             marks = ", ".join("?" * len(rows[0]))
-            con.executemany(f"insert into raw.{table} values ({marks})", rows)
+            con.executemany(f"insert into raw.{table} ({cols}) values ({marks})", rows)
 
 
 def merge_fields_duckdb() -> dict[str, tuple]:

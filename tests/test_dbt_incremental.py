@@ -40,7 +40,8 @@ def _second_load() -> None:
         # Linus opens an email at 06:00 UTC (no time zone known: UTC).
         event = {"id": "e99", "type": "email_opened", "email": " LINUS@example.com"}
         con.execute(
-            "insert into raw.events values ('e99', '2026-11-19 06:00:00', ?, 'fixture-2', ?)",
+            "insert into raw.events (id, occurred_at, record, _landing_file, _loaded_at) "
+            "values ('e99', '2026-11-19 06:00:00', ?, 'fixture-2', ?)",
             [json.dumps(event), LATER],
         )
 

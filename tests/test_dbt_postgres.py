@@ -7,7 +7,7 @@ import uuid
 
 import psycopg2
 import pytest
-from test_dbt_fixture import AS_OF, EXPECTED, MERGE_FIELDS, STORE, raw_rows
+from test_dbt_fixture import AS_OF, EXPECTED, MERGE_FIELDS, RAW_COLUMNS, STORE, raw_rows
 
 from presend import transform
 
@@ -54,8 +54,9 @@ def pg_database(data_dir):
         with psycopg2.connect(dbname=name, **PG) as conn, conn.cursor() as cur:
             cur.execute(RAW_TABLES_SQL)
             for table, rows in raw_rows().items():
+                cols = ", ".join(RAW_COLUMNS[table])
                 marks = ", ".join(["%s"] * len(rows[0]))
-                cur.executemany(f"insert into raw.{table} values ({marks})", rows)
+                cur.executemany(f"insert into raw.{table} ({cols}) values ({marks})", rows)
         yield name
     finally:
         _admin(f'drop database if exists "{name}" with (force)')
