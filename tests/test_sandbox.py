@@ -207,3 +207,40 @@ def test_crm_contacts_changed_while_paging_shift_the_offsets_as_hubspot_does(san
     served_once = {c["id"] for c in naive}
     now = {c["id"] for c in page_all(sandbox.crm_url, limit=100)}
     assert now - served_once, "paging by offset while records change skips some"
+
+
+def test_the_sandbox_stops_when_the_process_that_started_it_is_killed(tmp_path):
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    urls = tmp_path / "urls.txt"
+    starter = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import pathlib, time\n"
+            "from presend.sandbox.server import Sandbox\n"
+            "sb = Sandbox(contacts=10).start()\n"
+            f"pathlib.Path({str(urls)!r}).write_text(sb.crm_url)\n"
+            "time.sleep(600)\n",
+        ],
+        env=os.environ | {"PYTHONPATH": os.pathsep.join(sys.path)},
+    )
+    deadline = time.monotonic() + 60
+    while not urls.exists():
+        assert time.monotonic() < deadline and starter.poll() is None
+        time.sleep(0.1)
+    port = int(urls.read_text().rsplit(":", 1)[1])
+    starter.send_signal(signal.SIGKILL)  # no cleanup code runs in the starter
+    starter.wait()
+    deadline = time.monotonic() + 20
+    while True:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) != 0:
+                break
+        assert time.monotonic() < deadline, "the sandbox outlived the process that started it"
+        time.sleep(0.2)

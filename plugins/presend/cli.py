@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -133,6 +134,10 @@ def sandbox_serve(args: argparse.Namespace) -> int:
                 str(args.crm_port),
                 "--esp-port",
                 str(args.esp_port),
+                "--shop-port",
+                str(args.shop_port),
+                "--events-port",
+                str(args.events_port),
                 "--contacts",
                 str(args.contacts),
                 "--seed",
@@ -180,6 +185,8 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--ready-file", type=Path, default=Path("sandbox-ready.json"))
             p.add_argument("--crm-port", type=int, default=8081)
             p.add_argument("--esp-port", type=int, default=8082)
+            p.add_argument("--shop-port", type=int, default=8083)
+            p.add_argument("--events-port", type=int, default=8084)
     p = sub.add_parser("preview", help="what the push would send now, without sending it")
     p.set_defaults(func=preview)
     p.add_argument("--vendor", choices=("sendgrid", "klaviyo"), help="default: esp.vendor")
@@ -189,4 +196,6 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=dbt)
     p.add_argument("dbt_args", nargs=argparse.REMAINDER, help="dbt command and options")
     args = parser.parse_args(argv)
+    # `kill` (SIGTERM) unwinds like Ctrl-C, so the sandbox and other context managers stop.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     return args.func(args)

@@ -100,6 +100,17 @@ def main(argv: list[str] | None = None) -> None:
     asyncio.run(_serve(parser.parse_args(argv)))
 
 
+def _die_with_parent() -> None:
+    """In the child: get SIGTERM when the process that started the sandbox dies, so a killed
+    demo or test never leaves servers behind (Linux prctl PR_SET_PDEATHSIG)."""
+    import contextlib
+    import ctypes
+
+    # Not glibc Linux: the context manager still stops the sandbox.
+    with contextlib.suppress(OSError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 class Sandbox:
     """The sandbox servers in a child process; use as a context manager so they always stop."""
 
@@ -155,6 +166,7 @@ class Sandbox:
                 *self.args,
             ],
             env=env,
+            preexec_fn=_die_with_parent,
         )
         deadline = time.monotonic() + timeout
         while not ready.exists():
