@@ -91,7 +91,8 @@ select
         'refunds', json_array()
     ) as record,
     'bench' as _landing_file,
-    timestamp '{loaded}' as _loaded_at
+    -- Loaded over many earlier loads (one row each here), the newest at `loaded`.
+    timestamp '{loaded}' - to_microseconds({stop} - 1 - i) as _loaded_at
 from range({start}, {stop}) as t(i)
 """
 
@@ -106,7 +107,8 @@ select
         'product_id', case when i % 3 <> 2 then hash(i, 2) % {products} end
     ) as record,
     'bench' as _landing_file,
-    timestamp '{loaded}' as _loaded_at
+    -- Loaded over many earlier loads (one row each here), the newest at `loaded`.
+    timestamp '{loaded}' - to_microseconds({stop} - 1 - i) as _loaded_at
 from range({start}, {stop}) as t(i)
 """
 
