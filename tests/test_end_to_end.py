@@ -88,7 +88,12 @@ def test_sync_pushes_merge_fields_once_and_never_calls_the_internet(airflow_run,
 def test_a_failed_quality_gate_stops_the_push(airflow_run, sandbox, monkeypatch, tmp_path):
     # A merge-field default longer than the ESP's first_name limit fails the gate for every
     # contact without a first name: nothing may reach the ESP.
-    cfg = (settings.CONFIG_FILE.read_text()).replace('"there"', '"' + "x" * 60 + '"')
+    # With no quarantine allowed (max_failed_share 0), that blocks the whole push.
+    cfg = (
+        settings.CONFIG_FILE.read_text()
+        .replace('"there"', '"' + "x" * 60 + '"')
+        .replace("max_failed_share: 0.05", "max_failed_share: 0.0")
+    )
     bad = tmp_path / "presend.yml"
     bad.write_text(cfg)
     monkeypatch.setenv("PRESEND_CONFIG", str(bad))
