@@ -123,7 +123,7 @@ def test_apiserver_serves_8080_and_is_health_checked_on_version_endpoint():
 @airflow_service
 def test_no_secret_literals(name):
     env = SERVICES[name]["environment"]
-    for var in [*SECRETS, "AIRFLOW_CONN_PRESEND_CRM", "AIRFLOW_CONN_PRESEND_ESP"]:
+    for var in [*SECRETS, *(f"AIRFLOW_CONN_PRESEND_{c}" for c in ("CRM", "ESP", "SHOP", "EVENTS"))]:
         assert re.fullmatch(rf"\$\{{{var}:\?[^}}]+\}}", env[var]), f"{var} must be ${{{var}:?...}}"
 
 
