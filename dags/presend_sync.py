@@ -6,15 +6,10 @@ HTTP extraction runs outside it.
 
 from datetime import datetime, timedelta
 
-from airflow.sdk import Param, dag, task
+from airflow.sdk import Param, dag
 
-from presend import alerts, pipeline, sources
-from presend.settings import WAREHOUSE_POOL
-
-
-def warehouse_task(func):
-    """A task that opens the DuckDB warehouse read-write: one at a time, in its pool."""
-    return task(func, pool=WAREHOUSE_POOL)
+from presend import alerts, pipeline
+from presend.dag_parts import ingest_and_transform, warehouse_task
 
 
 @dag(
@@ -31,19 +26,12 @@ def warehouse_task(func):
     params={"dry_run": Param(False, type="boolean", description="preview the push only")},
 )
 def presend_sync():
-    plan = warehouse_task(pipeline.plan_streams)()
-    loaded = [
-        warehouse_task(pipeline.load_stream).override(task_id=f"load_{stream}")(
-            task(pipeline.extract_stream).override(task_id=f"extract_{stream}")(plan, stream)
-        )
-        for stream in sources.STREAMS
-    ]
-    built = warehouse_task(pipeline.build_models)()
+    _, built = ingest_and_transform()
     gated = warehouse_task(pipeline.gate_merge_fields)()
     pushed = warehouse_task(pipeline.push_merge_fields)()
-    recorded = task(pipeline.record_sync_run, pool=WAREHOUSE_POOL, trigger_rule="all_done")()
+    recorded = warehouse_task(pipeline.record_sync_run, trigger_rule="all_done")()
 
-    loaded >> built >> gated >> pushed >> recorded
+    built >> gated >> pushed >> recorded
 
 
 presend_sync()
