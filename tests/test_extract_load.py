@@ -309,3 +309,23 @@ def test_a_rerun_extract_attempt_lands_new_files_that_load(data_dir, crm_connect
         )
     )
     assert changed and all(rows[i] == ts for i, ts in changed.items())
+
+
+def test_an_id_in_two_load_batches_is_counted_and_stored_once(data_dir, monkeypatch):
+    first = [contact(i, EPOCH + timedelta(minutes=i)) for i in range(1, 4)]
+    # Contact 2 again, changed, and contact 1 again, older: both in a later batch.
+    newer = contact(2, EPOCH + timedelta(hours=5))
+    newer["properties"]["loyalty_tier"] = "gold"
+    older = contact(1, EPOCH - timedelta(hours=5))
+    older["properties"]["loyalty_tier"] = "stale"
+    second = [newer, older, contact(4, EPOCH + timedelta(minutes=4))]
+    files = write_pages("batches", [first, second])
+    monkeypatch.setattr(load, "BATCH_BYTES", 1)  # one page per transaction
+    assert len(load._batches(files)) == 2
+
+    result = load.load_contacts(STREAM, files)
+    assert (result.records, result.loaded, result.rejected) == (6, 4, 0)
+    assert_raw_equals({c["id"]: c for c in [first[0], newer, first[2], second[2]]})
+    # A later call counts an id it loads again, even one an earlier call loaded.
+    again = load.load_contacts(STREAM, write_pages("again", [[newer]]))
+    assert (again.records, again.loaded) == (1, 1)

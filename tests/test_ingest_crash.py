@@ -8,6 +8,8 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -63,14 +65,16 @@ print("DONE", flush=True)
 """
 
 
-def kill_at_pause(args: list[str], env: dict) -> None:
-    """Run the child until it pauses, then SIGKILL it."""
+@contextmanager
+def paused_child(args: list[str], env: dict) -> Iterator[subprocess.Popen]:
+    """Run the child until it pauses; SIGKILL it when the block ends."""
     proc = subprocess.Popen(
         [sys.executable, "-c", CHILD, *args], env=env, stdout=subprocess.PIPE, text=True
     )
     try:
         line = proc.stdout.readline().strip()
         assert line == "PAUSED", f"child did not pause (said {line!r})"
+        yield proc
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
         assert proc.returncode == -signal.SIGKILL
@@ -78,6 +82,12 @@ def kill_at_pause(args: list[str], env: dict) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def kill_at_pause(args: list[str], env: dict) -> None:
+    """Run the child until it pauses, then SIGKILL it."""
+    with paused_child(args, env):
+        pass
 
 
 def child_env(**extra: str) -> dict:
@@ -114,10 +124,29 @@ def test_sigkill_during_extract_then_rerun_equals_a_clean_run(data_dir, src, tmp
     # The killed attempt left pages (and maybe a half-written .part file) and no cursor.
     killed = list((settings.landing_dir()).rglob("killed/*/*"))
     assert len(killed) >= 9
+    # The stream killed mid-way; streams the child had finished extracting stay complete.
+    (cut,) = [m.parent for m in settings.landing_dir().rglob("killed/*/.extracting")]
+    complete = set(settings.landing_dir().rglob("*/*/page-*.json")) - set(cut.iterdir())
     run(src, run_id="rerun")  # Airflow retries the extract: a new attempt folder
     after_rerun = warehouse_state()
+    # The rerun removed the cut attempt's never-loaded pages and kept every complete one.
+    assert not cut.exists()
+    assert complete and complete <= set(settings.landing_dir().rglob("*/*/page-*.json"))
+    assert all(list(d.rglob("page-*.json")) for d in settings.landing_dir().glob("*/rerun"))
 
     assert after_rerun == clean_run_state(src, tmp_path, monkeypatch)
+
+
+def test_a_running_extracts_folder_is_kept_until_its_process_dies(data_dir, src):
+    arg = {"events": (src.urls["events"], src.tokens["events"], 40)}
+    with paused_child(["extract", json.dumps(arg), "3"], child_env()):
+        (folder,) = settings.landing_dir().glob("events/killed/*")
+        run(src, ["events"], run_id="meanwhile")  # a concurrent run of the stream
+        assert len(list(folder.glob("page-*.json"))) == 3  # still being written: kept
+    # Killed now: the next extract of the stream removes it, and only it.
+    run(src, ["events"], run_id="next")
+    assert not folder.exists()
+    assert {p.name for p in settings.landing_dir().glob("events/*")} == {"meanwhile", "next"}
 
 
 @pytest.mark.parametrize("pause_after", [1, 3], ids=["first-stream", "third-stream"])

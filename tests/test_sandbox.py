@@ -194,6 +194,31 @@ def test_crm_advance_modifies_the_share_and_stamps_them_with_the_new_clock(sandb
     assert {c["id"] for c in page_all(sandbox.crm_url, since=clock)} == moved
 
 
+def test_crm_inject_patches_and_adds_contacts_that_the_next_incremental_query_brings(sandbox):
+    before = {c["id"]: c for c in page_all(sandbox.crm_url)}
+    resp = requests.post(
+        f"{sandbox.crm_url}/_sandbox/inject",
+        json={
+            "contacts": [
+                {"id": "5", "properties": {"email": "not-an-email"}},
+                {"copy_of": "7", "properties": {"firstname": "Twin"}},
+            ]
+        },
+        timeout=30,
+    )
+    assert resp.status_code == 200
+    (patched, added), clock = resp.json()["written"], resp.json()["clock"]
+    assert patched == "5" and added == str(len(before) + 1)
+    assert clock > max(c["properties"]["lastmodifieddate"] for c in before.values())
+    brought = {c["id"]: c["properties"] for c in page_all(sandbox.crm_url, since=clock)}
+    assert brought.keys() == {"5", added}
+    assert brought["5"]["email"] == "not-an-email"
+    assert brought["5"]["firstname"] == before["5"]["properties"]["firstname"]
+    assert brought[added]["email"] == before["7"]["properties"]["email"]
+    assert brought[added]["firstname"] == "Twin"
+    assert brought[added]["hs_object_id"] == added
+
+
 def test_crm_contacts_changed_while_paging_shift_the_offsets_as_hubspot_does(sandbox):
     # The sandbox reproduces what makes naive offset paging lose records: a contact changed
     # between two pages moves to the end, the rest move up, and one contact is never served.

@@ -196,6 +196,20 @@ def test_shop_advance_cancels_refunds_and_adds_orders_stamped_with_the_clock(fre
     assert sum(utc(p["updated_at"]) == clock for p in products) == changed["products"]
 
 
+def test_shop_inject_sells_a_product_out_and_the_next_incremental_query_brings_it(fresh):
+    product = shop_all(fresh.shop_url, PRODUCTS, limit=250)[3]
+    assert any(v["inventory_quantity"] > 0 for v in product["variants"])
+    resp = requests.post(
+        f"{fresh.shop_url}/_sandbox/inject",
+        json={"products": [{"handle": product["handle"], "inventory_quantity": 0}]},
+        timeout=30,
+    )
+    assert resp.json()["written"] == [product["id"]]
+    (changed,) = shop_all(fresh.shop_url, PRODUCTS, updated_at_min=resp.json()["clock"])
+    assert changed["id"] == product["id"] and changed["title"] == product["title"]
+    assert [v["inventory_quantity"] for v in changed["variants"]] == [0] * len(product["variants"])
+
+
 def test_the_same_seed_gives_the_same_shop():
     a = shop.ShopState(9, 30, 50, 40, "t")
     b = shop.ShopState(9, 30, 50, 40, "t")

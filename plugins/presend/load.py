@@ -5,17 +5,22 @@ and the stream's cursor moves in the same transaction as the rows, so a crash ke
 neither. Records that cannot be loaded go to `raw.rejects` with the reason and the landing file
 they came from. Fields a vendor adds later stay in the JSON payload. A page already loaded
 (`raw.load_log`) is skipped, so reloading is a no-op.
+
+The merge is split for speed: one join per batch finds which ids the raw table holds already;
+new ids are appended (no join, the common case of a big first load) and only those ids get an
+UPDATE, by a copy at least as new as the stored one.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
 
 import duckdb
 
 from presend import sources, warehouse
-from presend.sources.extract import Stream
+from presend.sources.extract import Column, Stream
 
 STATE_SQL = """
 create schema if not exists raw;
@@ -61,10 +66,14 @@ class LoadResult:
 
 
 def table_sql(stream: Stream) -> str:
+    """A stream's raw table. `id` is unique by construction (the load writes an id only once
+    and updates it after), without an index: DuckDB keeps an index in memory, and one over
+    10M ids takes most of the load's memory limit, so later batches spill and slow down.
+    (Tables created with a primary-key index by earlier versions keep working.)"""
     cols = ",\n    ".join(f"{c.name} {c.type}" for c in stream.columns)
     return f"""
 create table if not exists raw.{stream.name} (
-    id varchar primary key,
+    id varchar not null,
     {stream.cursor} timestamp not null,
     {cols},
     _landing_file varchar not null,
@@ -84,9 +93,21 @@ def _json_path(path: list[str]) -> str:
     return "$." + ".".join(f'"{p}"' for p in path)
 
 
-def landed_sql(stream: Stream) -> str:
-    """One row per landed record, with the reason it cannot be loaded (null when it can)."""
-    payload = ",\n        ".join(f"{c.sql} as {c.name}" for c in stream.columns)
+def _payload_source(column: Column) -> str:
+    """The `landed` column that holds a payload column's value (the record itself is `rec`)."""
+    return "rec" if column.sql.strip() == "rec" else column.name
+
+
+def landed_sql(stream: Stream, lookup: bool) -> str:
+    """One row per landed record, with the reason it cannot be loaded (null when it can).
+
+    With `lookup`, each record also says whether its id is in the raw table already (`present`)
+    and whether this load call wrote it there (`seen`): one join with the raw table per batch,
+    after which new ids are a plain insert and only present ones need an update.
+    """
+    payload = "".join(
+        f"{c.sql} as {c.name},\n        " for c in stream.columns if _payload_source(c) != "rec"
+    )
     checks = "\n        ".join(f"when {cond} then '{reason}'" for cond, reason in stream.checks)
     key, cursor = stream.primary_key, stream.cursor
     paths = [_json_path([key]), _json_path(stream.cursor_path)]
@@ -96,6 +117,26 @@ def landed_sql(stream: Stream) -> str:
         f"f[{n}] as field_{name},\n        " for n, name in enumerate(stream.fields, 3)
     )
     field_names = "".join(f", field_{name}" for name in stream.fields)
+    checked = f"""
+    select
+        * exclude (rec_type, id_type{field_names}),
+        case
+            when rec_type is distinct from 'OBJECT' then 'record is not a JSON object'
+            when nullif(trim(id), '') is null then 'missing primary key {key}'
+            when id_type not in ('VARCHAR', 'UBIGINT', 'BIGINT')
+                then 'primary key {key} is not a string or an integer'
+            {checks}
+            when {cursor} is null then '{cursor} missing or not a timestamp'
+        end as reject_reason
+    from parsed"""
+    if lookup:
+        final = f"""
+select c.*, t.id is not null as present, coalesce(t._loaded_at = $loaded_at, false) as seen
+from ({checked}
+) as c
+left join raw.{stream.name} as t on c.id = t.id and c.reject_reason is null"""
+    else:
+        final = f"select *, false as present, false as seen from ({checked}\n)"
     return f"""
 create or replace temp table landed as
 with pages as (
@@ -120,41 +161,47 @@ parsed as (
         {fields}{payload}
     from extracted
 )
-select
-    * exclude (rec_type, id_type{field_names}),
-    case
-        when rec_type is distinct from 'OBJECT' then 'record is not a JSON object'
-        when nullif(trim(id), '') is null then 'missing primary key {key}'
-        when id_type not in ('VARCHAR', 'UBIGINT', 'BIGINT')
-            then 'primary key {key} is not a string or an integer'
-        {checks}
-        when {cursor} is null then '{cursor} missing or not a timestamp'
-    end as reject_reason
-from parsed
+{final}
 """
 
 
-def merge_sql(stream: Stream, dedupe: bool = True) -> str:
-    """MERGE the landed rows; with `dedupe`, only the newest copy of each id."""
-    names = [c.name for c in stream.columns]
-    cursor = stream.cursor
-    sets = ",\n    ".join(f"{n} = s.{n}" for n in [cursor, *names])
-    values = ", ".join(f"s.{n}" for n in ["id", cursor, *names])
-    order = f"{cursor} desc, landing_file desc"
+def _rows(stream: Stream, present: bool, dedupe: bool) -> str:
+    """The loadable landed rows of new (or present) ids; with `dedupe`, the newest copy of each."""
+    order = f"{stream.cursor} desc, landing_file desc"
     newest = f"qualify row_number() over (partition by id order by {order}) = 1" if dedupe else ""
     return f"""
-merge into raw.{stream.name} as t
-using (
     select * from landed
-    where reject_reason is null
-    {newest}
-) as s
-on t.id = s.id
-when matched and s.{cursor} >= t.{cursor} then update set
+    where reject_reason is null and {"" if present else "not "}present
+    {newest}"""
+
+
+def insert_sql(stream: Stream, dedupe: bool) -> str:
+    """Ids not in the raw table yet: appended, no join with the raw table."""
+    names = ["id", stream.cursor, *(_payload_source(c) for c in stream.columns)]
+    values = ", ".join(names)
+    return f"""
+insert into raw.{stream.name}
+select {values}, landing_file, $loaded_at::timestamp
+from ({_rows(stream, False, dedupe)}
+)
+"""
+
+
+def update_sql(stream: Stream, dedupe: bool) -> str:
+    """Ids already in the raw table: updated by a copy at least as new as the stored one."""
+    cursor = stream.cursor
+    sets = ",\n    ".join(
+        f"{n} = s.{src}"
+        for n, src in [(cursor, cursor), *((c.name, _payload_source(c)) for c in stream.columns)]
+    )
+    return f"""
+update raw.{stream.name} as t set
     {sets},
     _landing_file = s.landing_file,
-    _loaded_at = now()::timestamp
-when not matched then insert values ({values}, s.landing_file, now()::timestamp)
+    _loaded_at = $loaded_at::timestamp
+from ({_rows(stream, True, dedupe)}
+) as s
+where t.id = s.id and s.{cursor} >= t.{cursor}
 """
 
 
@@ -193,13 +240,25 @@ def _batches(files: list[str]) -> list[list[str]]:
     return out
 
 
-def _load_batch(con: duckdb.DuckDBPyConnection, stream: Stream, files: list[str]) -> tuple:
+def _load_batch(
+    con: duckdb.DuckDBPyConnection, stream: Stream, files: list[str], loaded_at: datetime
+) -> tuple[int, int, int]:
+    """One transaction: the batch's rows, rejects, cursor and load log, or none of them.
+
+    Returns (records, ids loaded that no earlier batch of this call loaded, rejected).
+    """
     con.execute("begin")
     try:
-        con.execute(landed_sql(stream), {"files": files})
-        records, rejected, loaded = con.execute(
-            "select count(*), count(reject_reason), "
-            "count(distinct id) filter (where reject_reason is null) from landed"
+        # An empty table needs no lookup: every id is new (the common big first load).
+        lookup = con.execute(f"select exists (from raw.{stream.name})").fetchone()[0]
+        params: dict = {"files": files} | ({"loaded_at": loaded_at} if lookup else {})
+        con.execute(landed_sql(stream, lookup), params)
+        records, rejected, valid, ids, new_ids, present, first_seen = con.execute(
+            "select count(*), count(reject_reason), count(*) filter (where reject_reason is null), "
+            "count(distinct id) filter (where reject_reason is null), "
+            "count(distinct id) filter (where reject_reason is null and not present), "
+            "count(*) filter (where reject_reason is null and present), "
+            "count(distinct id) filter (where reject_reason is null and not seen) from landed"
         ).fetchone()
         con.execute(
             "insert into raw.rejects select ?, landing_file, rec, reject_reason, "
@@ -207,7 +266,11 @@ def _load_batch(con: duckdb.DuckDBPyConnection, stream: Stream, files: list[str]
             [stream.name],
         )
         # The window that keeps the newest copy costs a sort: skip it when every id is unique.
-        con.execute(merge_sql(stream, dedupe=loaded < records - rejected))
+        dedupe = ids < valid
+        if new_ids:
+            con.execute(insert_sql(stream, dedupe), {"loaded_at": loaded_at})
+        if present:
+            con.execute(update_sql(stream, dedupe), {"loaded_at": loaded_at})
         _commit_cursor(con, stream)
         con.execute(
             "insert into raw.load_log select landing_file, $stream, count(*), now()::timestamp "
@@ -225,7 +288,7 @@ def _load_batch(con: duckdb.DuckDBPyConnection, stream: Stream, files: list[str]
     except BaseException:
         con.execute("rollback")
         raise
-    return records, loaded, rejected
+    return records, first_seen, rejected
 
 
 def _commit_cursor(con: duckdb.DuckDBPyConnection, stream: Stream) -> None:
@@ -251,6 +314,10 @@ def load_stream(stream: Stream | str, files: list[str]) -> LoadResult:
         con.execute("set TimeZone = 'UTC'")
         con.execute(f"set memory_limit = '{MEMORY_LIMIT}'")
         con.execute("set preserve_insertion_order = false")  # lets big inserts stream
+        # DuckDB's automatic choice tries every compression on every column segment, which
+        # costs more than the whole insert for long JSON strings; zstd suits them, and columns
+        # it does not apply to fall back to the usual methods.
+        con.execute("set force_compression = 'zstd'")
         ensure_schema(con)
         done = {
             r[0]
@@ -262,8 +329,11 @@ def load_stream(stream: Stream | str, files: list[str]) -> LoadResult:
         }
         todo = [f for f in files if f not in done]
         totals = [0, 0, 0]
+        # One timestamp for every batch of this call: an id already written by an earlier batch
+        # is told apart by it, so `loaded` counts each id once.
+        loaded_at = datetime.now(UTC).replace(tzinfo=None)
         for batch in _batches(todo) if todo else []:
-            for k, n in enumerate(_load_batch(con, stream, batch)):
+            for k, n in enumerate(_load_batch(con, stream, batch, loaded_at)):
                 totals[k] += n
         cursor = _cursor(con, stream.name)
     records, loaded, rejected = totals

@@ -139,6 +139,43 @@ class CrmState:
             )
             return len(chosen)
 
+    def inject(self, contacts: list[dict]) -> list[str]:
+        """Write contacts as the CRM's users would, for tests of bad source data.
+
+        Each item patches the properties of contact `id`, or without `id` adds a contact (the
+        next id) from `properties`, starting from contact `copy_of`'s when given. Every written
+        contact gets a modification time one second after the last, so the next incremental
+        extract brings it. Returns the ids written.
+        """
+        with self.lock:
+            self.clock += timedelta(seconds=1)
+            written = []
+            for item in contacts:
+                patch = dict(item.get("properties") or {})
+                if item.get("id") is not None:
+                    i = int(item["id"])
+                    props = self.contacts[i]["properties"]
+                else:
+                    i = max(self.contacts) + 1
+                    source = item.get("copy_of")
+                    base = (
+                        self.contacts[int(source)]
+                        if source is not None
+                        else make_contact(self.seed, i, self.clock)
+                    )
+                    props = dict(base["properties"]) | {
+                        "hs_object_id": str(i),
+                        "createdate": _iso(self.clock),
+                    }
+                    self.contacts[i] = {"id": str(i), "properties": props}
+                props.update(patch)
+                props["lastmodifieddate"] = _iso(self.clock)
+                written.append(str(i))
+            self.order = sorted(
+                (c["properties"]["lastmodifieddate"], i) for i, c in self.contacts.items()
+            )
+            return written
+
     def search(self, since: datetime | None, offset: int, limit: int) -> tuple[int, list[dict]]:
         with self.lock:
             start = 0 if since is None else bisect.bisect_left(self.order, (_iso(since), 0))
@@ -222,6 +259,12 @@ def create_app(seed: int = 42, size: int = 1000, token: str = "sandbox-crm-token
         body = await request.json()
         changed = state.advance(float(body.get("share", 0.1)), float(body.get("hours", 1)))
         return {"changed": changed, "clock": _iso(state.clock)}
+
+    @app.post("/_sandbox/inject")
+    async def inject(request: Request):
+        """Bad (or any) contact data on demand: `{"contacts": [{"id"|"copy_of", "properties"}]}`."""
+        body = await request.json()
+        return {"written": state.inject(body.get("contacts") or []), "clock": _iso(state.clock)}
 
     faults.install(app)
     return app

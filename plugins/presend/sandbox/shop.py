@@ -222,6 +222,41 @@ class ShopState:
                 products.put(i, now_ms, self._change_product(rnd, products.get(i), now))
             return {"orders_changed": n_changed, "orders_added": n_new, "products": n_products}
 
+    def inject(self, products: list[dict]) -> list[int]:
+        """Write products as the shop's staff would, for tests of bad source data.
+
+        Each item names a product by `id` or `handle` and sets top-level fields;
+        `inventory_quantity` sets every variant's stock (0: sold out). Every written product
+        is stamped one second after the last write, so the next extract brings it.
+        Returns the ids written.
+        """
+        with self.lock:
+            self.clock += timedelta(seconds=1)
+            now_ms = to_ms(self.clock)
+            now = shop_time(now_ms)
+            written = []
+            for item in products:
+                fields = dict(item)
+                if "id" in fields:
+                    i = int(fields.pop("id")) - ID_BASE
+                else:
+                    handle = fields.pop("handle")
+                    i = next(
+                        n
+                        for n in range(1, self.products.size + 1)
+                        if self.products.get(n)["handle"] == handle
+                    )
+                product = json.loads(json.dumps(self.products.get(i)))
+                stock = fields.pop("inventory_quantity", None)
+                for variant in product["variants"]:
+                    if stock is not None:
+                        variant["inventory_quantity"] = int(stock)
+                    variant["updated_at"] = now
+                product |= fields | {"updated_at": now}
+                self.products.put(i, now_ms, product)
+                written.append(product["id"])
+            return written
+
     def spend(self) -> tuple[bool, int, float]:
         """One call against the leaky bucket: (allowed, level after, seconds until room)."""
         with self.lock:
@@ -352,6 +387,13 @@ def create_app(
         body = await request.json()
         changed = state.advance(float(body.get("share", 0.1)), float(body.get("hours", 1)))
         return changed | {"clock": state.clock.isoformat()}
+
+    @app.post("/_sandbox/inject")
+    async def inject(request: Request):
+        """Bad (or any) product data on demand: `{"products": [{"id"|"handle", fields...}]}`."""
+        body = await request.json()
+        written = state.inject(body.get("products") or [])
+        return {"written": written, "clock": state.clock.isoformat()}
 
     @app.post("/_sandbox/call_limit")
     async def call_limit(request: Request):

@@ -136,7 +136,7 @@ def extract(
 ) -> ExtractResult:
     """Fetch the stream's records at or after `cursor` (less the lookback) into the landing zone."""
     since = start_of(stream, cursor)
-    folder = landing.run_dir(stream.name, run_id)
+    landing.clean_orphans(stream.name)
     pacer = http.RateLimitPacer(stream.leak_per_second) if stream.leak_per_second else None
     client = http.session(
         headers=stream.auth(conn.token),
@@ -145,7 +145,7 @@ def extract(
         retries=stream.retries,
     )
     files, records = [], 0
-    with client:
+    with client, landing.attempt(stream.name, run_id) as folder:
         url = f"{conn.base_url}{stream.endpoint}"
         for page in stream.paginator.pages(client, url, stream, since):
             files.append(str(landing.write_page(folder, len(files) + 1, page.body)))
