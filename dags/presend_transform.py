@@ -1,8 +1,10 @@
 """Transform: when the ingest DAG updates the raw tables (the `presend_raw` asset), dbt builds
-staging, intermediate and marts up to esp_merge_fields, one Airflow task per model and its
-tests (Cosmos), then regenerates the dbt docs served in the Airflow UI (Browse -> dbt Docs).
+staging, intermediate and marts up to esp_merge_fields, with an Airflow task per model and per
+model's tests (Cosmos), then regenerates the dbt docs served in the Airflow UI (Browse -> dbt
+Docs).
 
-Every dbt task runs in the `warehouse` pool: DuckDB allows one writer per file.
+One `dbt build` (Cosmos watcher mode's producer) writes the warehouse, in the `warehouse` pool:
+DuckDB allows one writer per file. The model and test tasks follow it (see transform_cosmos).
 """
 
 from datetime import datetime, timedelta

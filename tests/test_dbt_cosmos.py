@@ -22,9 +22,8 @@ def _models() -> set[str]:
     return {p.stem for p in (settings.DBT_PROJECT_DIR / "models").rglob("*.sql")}
 
 
-@pytest.fixture
-def dag(data_dir):
-    from airflow.models.dagbag import DagBag
+def _load_dag():
+    from airflow.dag_processing.dagbag import DagBag
 
     bag = DagBag(
         dag_folder=str(settings.PROJECT_DIR / "dags" / f"{DAG_ID}.py"),
@@ -34,19 +33,41 @@ def dag(data_dir):
     return bag.dags[DAG_ID]
 
 
-def test_every_model_and_its_tests_is_a_task_in_the_warehouse_pool(dag):
+@pytest.fixture
+def dag(data_dir):
+    return _load_dag()
+
+
+PRODUCER = "dbt.dbt_producer_watcher"
+
+
+def test_every_model_and_its_tests_is_a_task_and_one_dbt_build_writes(dag):
     task_ids = {t.task_id for t in dag.tasks}
     for model in _models():
         assert f"dbt.{model}.run" in task_ids, model
         assert f"dbt.{model}.test" in task_ids, model  # every model has data tests
     assert "dbt.customer_profile_snapshot.snapshot" in task_ids
-    # One dbt writer at a time: DuckDB allows a single read-write process per file.
-    assert {t.pool for t in dag.tasks} == {settings.WAREHOUSE_POOL}
-    assert task_ids == transform_cosmos.warehouse_task_ids()
+    assert task_ids == transform_cosmos.task_ids()
+    # One dbt writer at a time: DuckDB allows a single read-write process per file. Only the
+    # producer's `dbt build` (and the docs) take the `warehouse` pool's single slot; the
+    # per-model and per-test tasks read its results.
+    in_pool = {t.task_id for t in dag.tasks if t.pool == settings.WAREHOUSE_POOL}
+    assert in_pool == {PRODUCER, "generate_docs"} == transform_cosmos.warehouse_task_ids()
+    sensors = [t for t in dag.tasks if t.task_id.startswith("dbt.") and t.task_id in _runs(dag)]
+    assert len(sensors) == 2 * len(_models()) + 2  # + the snapshot and its tests
+    for t in sensors:
+        assert t.producer_task_id == PRODUCER and t.retries == 0, t.task_id
+        # They read the build's results once it has finished: one task at a time (as under
+        # `airflow dags test`) can never start a sensor whose producer has not run.
+        assert PRODUCER in t.get_flat_relative_ids(upstream=True), t.task_id
     for t in dag.tasks:
-        assert t.owner == "data-engineering" and t.retries >= 1, t.task_id
+        assert t.owner == "data-engineering", t.task_id
     assert dag.on_failure_callback
     assert "presend" in dag.tags
+
+
+def _runs(dag) -> set[str]:
+    return {t.task_id for t in dag.tasks if t.task_id.endswith((".run", ".test", ".snapshot"))}
 
 
 def test_the_dag_runs_when_the_ingest_dag_updates_the_raw_tables(dag):

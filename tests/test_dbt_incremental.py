@@ -8,7 +8,14 @@ from decimal import Decimal
 
 import duckdb
 import pytest
-from test_dbt_fixture import AS_OF, EXPECTED, STORE, load_duckdb_fixture, merge_fields_duckdb
+from test_dbt_fixture import (
+    AS_OF,
+    EXPECTED,
+    STORE,
+    _rec,
+    load_duckdb_fixture,
+    merge_fields_duckdb,
+)
 
 from presend import settings, transform, warehouse
 
@@ -86,3 +93,111 @@ def test_the_snapshot_keeps_the_last_known_values_of_a_changed_profile(two_loads
         ).fetchone()[0]
     assert versions == [(1, Decimal("89.00"), False), (0, Decimal("0.00"), True)]
     assert unchanged == 1
+
+
+def _run_models(as_of: str = AS_OF) -> dict[str, tuple]:
+    """An incremental `dbt run` of esp_merge_fields and its parents (no tests: faster)."""
+    proc = transform.run_dbt(
+        "run", "--select", "+esp_merge_fields", extra_vars={"as_of": as_of, "store_url": STORE}
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:]
+    return merge_fields_duckdb()
+
+
+def _update_raw(table: str, key: str, change) -> None:
+    """Change one raw record as a later load would (new `_loaded_at`)."""
+    column = "properties" if table == "crm_contacts" else "record"
+    with warehouse.connect() as con:
+        record = json.loads(
+            con.execute(f"select {column} from raw.{table} where id = ?", [key]).fetchone()[0]
+        )
+        change(record)
+        con.execute(
+            f"update raw.{table} set {column} = ?, _loaded_at = now()::timestamp "
+            + (", lastmodifieddate = now()::timestamp " if table == "crm_contacts" else "")
+            + "where id = ?",
+            [json.dumps(record), key],
+        )
+
+
+def test_each_kind_of_change_reaches_exactly_the_contacts_it_affects(data_dir):
+    """One change per incremental run, each reaching contacts no other rule would: a wrong
+    affected set leaves a stale row here. A full refresh at the end gives the same rows."""
+    load_duckdb_fixture()
+    transform.build(extra_vars=VARS)
+    expected = dict(EXPECTED)
+
+    # Ada withdraws her marketing consent: she leaves esp_merge_fields, nobody else changes.
+    _update_raw("crm_contacts", "1", lambda p: p.update(hs_marketable_status="false"))
+    del expected["1"]
+    assert _run_models() == expected
+
+    # Nope gives consent under Tia's email, modified later: Nope now owns the email (and
+    # Tia's order and events), Tia no longer does. Nope's own open was under his old email.
+    _update_raw(
+        "crm_contacts",
+        "5",
+        lambda p: p.update(hs_marketable_status="true", email="tia@example.com"),
+    )
+    tia = expected.pop("4")
+    expected["5"] = (tia[0], "Nope", "gold", *tia[3:])
+    assert _run_models() == expected
+
+    # Linus orders a Fleece now: his order facts, favourite category (Jackets) and
+    # recommendations change; the Fleece overtakes the Road Shoe at rank 4 of the best
+    # sellers, which only lists reading 4 ranks (Grace's, who bought one product) use.
+    with warehouse.connect() as con:
+        order = json.loads(
+            con.execute("select record from raw.shop_orders where id = '1005'").fetchone()[0]
+        )
+        order |= {"id": 1008, "email": "linus@example.com", "refunds": []}
+        order |= {"created_at": "2026-11-20T10:00:00Z", "financial_status": "paid"}
+        order["line_items"][0]["id"] = 10080
+        con.execute(
+            "insert into raw.shop_orders values ('1008', '2026-11-20 10:00:00', ?, 'fixture-2', "
+            "now()::timestamp)",
+            [json.dumps(order)],
+        )
+    linus = expected["3"]
+    expected["3"] = (
+        *linus[:3],
+        1,
+        Decimal("65.00"),
+        "2026-11-20",
+        "Jackets",
+        *_rec(103),
+        *_rec(101),
+        *_rec(104),
+        *linus[-3:],
+    )
+    assert _run_models() == expected
+
+    # Two days later, with no new data: Grace's Fleece left the 72-hour cart window.
+    later = "2026-11-22 12:00:00"
+    grace = expected["2"]
+    expected["2"] = (*grace[:-3], "", 0, grace[-1])
+    assert _run_models(later) == expected
+
+    # The Rain Jacket sells out: it leaves every list of recommendations.
+    _update_raw("shop_products", "103", lambda r: r["variants"][0].update(inventory_quantity=0))
+    incremental = _run_models(later)
+    assert all("Rain Jacket" not in fields for fields in incremental.values())
+    # Linus: no Jacket left that he has not bought; the best sellers in stock instead.
+    assert incremental["3"][7:16] == (*_rec(101), *_rec(104), *_rec(102))
+
+    transform.build("--full-refresh", extra_vars={"as_of": later, "store_url": STORE})
+    assert merge_fields_duckdb() == incremental
+
+
+def test_a_changed_merge_field_default_reaches_every_contact_without_a_full_refresh(two_loads):
+    transform.build(
+        extra_vars=VARS
+        | {
+            "merge_field_defaults": {
+                "FIRST_NAME": "friend",
+                "LOYALTY_TIER": "member",
+                "BEST_SEND_HOUR": "10",
+            }
+        }
+    )
+    assert merge_fields_duckdb()["3"][1:3] == ("friend", "member")

@@ -1,18 +1,25 @@
 """The transform stage in Airflow through Cosmos: the dbt project as a task group, one task per
-model (and its tests), so each is visible in the Airflow UI.
+model and one per model's tests, so each is visible in the Airflow UI.
+
+Watcher mode (the default): one `dbt build`, the producer task, is the only dbt task in the
+`warehouse` pool (DuckDB allows one writer per file); the per-model and per-test tasks are
+sensors that turn green or red as the build reports each node. `make bench-cosmos` measures
+it against a plain `dbt build` and against local mode (one dbt invocation per task, each in
+the pool), which pays Airflow's task start, dbt's start-up and a project parse per task.
 
 DAG parsing reads a dbt manifest (LoadMode.DBT_MANIFEST) made by `dbt parse` when the project
 changed, so parsing neither runs dbt each time nor touches the network. The profile is
 dbt_project/profiles.yml, which reads everything from the environment (no secrets in files).
-Every dbt task runs in the `warehouse` pool: DuckDB allows one writer per file.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 from presend import settings, transform
@@ -20,11 +27,12 @@ from presend import settings, transform
 # Before Cosmos or dbt are imported anywhere in this process.
 settings.disable_telemetry()
 
-# LOCAL: one dbt invocation per model and per test task, run one at a
-# time through the `warehouse` pool. WATCHER (one `dbt build` watched by a sensor per model)
-# would be nearly as fast as a plain `dbt build`, but its deferred sensors wait forever under
-# `airflow dags test`, which runs tasks one by one. Override: PRESEND_COSMOS_EXECUTION_MODE.
-DEFAULT_EXECUTION_MODE = "local"
+# Overrides (the benchmark's variants): PRESEND_COSMOS_EXECUTION_MODE (watcher, local),
+# PRESEND_COSMOS_INVOCATION_MODE (subprocess, dbt_runner), PRESEND_COSMOS_TEST_BEHAVIOR,
+# PRESEND_COSMOS_WATCHER_SENSORS (concurrent, after).
+DEFAULT_EXECUTION_MODE = "watcher"
+PRODUCER, PRODUCER_DONE = "dbt_producer_watcher", "dbt_producer_watcher_done"
+PARTIAL_PARSE = "partial_parse.msgpack"
 PROJECT_FILES = ("models", "macros", "snapshots", "seeds", "tests")
 
 
@@ -51,29 +59,50 @@ def ensure_manifest() -> Path:
     """The dbt manifest of the project, re-made by `dbt parse` only when a project file changed.
 
     `dbt parse` reads files only: no warehouse connection, no network (telemetry is off).
+    Processes that parse DAGs at the same time (scheduler, dag-processor, workers, parallel
+    tests) take turns on a file lock, and the manifest is replaced in one rename, so none
+    ever reads a half-written one.
     """
     manifest = manifest_dir() / "manifest.json"
-    if manifest.exists() and manifest.stat().st_mtime >= _project_mtime():
+    if _fresh(manifest):
         return manifest
     manifest_dir().mkdir(parents=True, exist_ok=True)
-    dbt = Path(sys.executable).with_name("dbt")
-    proc = subprocess.run(
-        [str(dbt), "parse", "--vars", transform.dbt_vars()],
-        env=transform.dbt_env() | {"DBT_TARGET_PATH": str(manifest_dir())},
-        cwd=settings.DBT_PROJECT_DIR,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if proc.returncode != 0 or not manifest.exists():
-        raise RuntimeError(f"dbt parse failed:\n{proc.stdout[-3000:]}{proc.stderr[-2000:]}")
+    with open(manifest_dir() / ".parse.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if _fresh(manifest):  # another process parsed while this one waited
+            return manifest
+        with tempfile.TemporaryDirectory(dir=manifest_dir(), prefix=".parse-") as target:
+            partial = manifest_dir() / PARTIAL_PARSE
+            if partial.exists():  # dbt re-reads only the files that changed
+                shutil.copy2(partial, target)
+            dbt = Path(sys.executable).with_name("dbt")
+            proc = subprocess.run(
+                [str(dbt), "parse", "--vars", transform.dbt_vars()],
+                env=transform.dbt_env() | {"DBT_TARGET_PATH": target},
+                cwd=settings.DBT_PROJECT_DIR,
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+            parsed = Path(target) / "manifest.json"
+            if proc.returncode != 0 or not parsed.exists():
+                raise RuntimeError(f"dbt parse failed:\n{proc.stdout[-3000:]}{proc.stderr[-2000:]}")
+            if (Path(target) / PARTIAL_PARSE).exists():
+                os.replace(Path(target) / PARTIAL_PARSE, partial)
+            os.replace(parsed, manifest)
     return manifest
+
+
+def _fresh(manifest: Path) -> bool:
+    return manifest.exists() and manifest.stat().st_mtime >= _project_mtime()
 
 
 def release_warehouse(*_args, **_kwargs) -> None:
     """Close dbt-duckdb's process-wide DuckDB handle so the next writer can open the file."""
-    from dbt.adapters.duckdb.connections import DuckDBConnectionManager as manager
-
+    connections = sys.modules.get("dbt.adapters.duckdb.connections")
+    if connections is None:  # dbt ran in a subprocess: nothing is open here
+        return
+    manager = connections.DuckDBConnectionManager
     with manager._LOCK:
         if manager._ENV is not None:
             manager._ENV.close()
@@ -82,6 +111,26 @@ def release_warehouse(*_args, **_kwargs) -> None:
 
 def execution_mode_name() -> str:
     return os.environ.get("PRESEND_COSMOS_EXECUTION_MODE", DEFAULT_EXECUTION_MODE)
+
+
+def invocation_mode_name() -> str:
+    """Watcher mode's producer runs dbt in a subprocess: measured faster than dbtRunner, whose
+    per-event callback pushes an XCom for every dbt node event inside dbt's own thread."""
+    default = "subprocess" if execution_mode_name() == "watcher" else "dbt_runner"
+    return os.environ.get("PRESEND_COSMOS_INVOCATION_MODE") or default
+
+
+def watcher_sensors() -> str:
+    """When watcher mode's sensors start: `after` the producer has finished (the default:
+    measured fastest on 2 cores, where sensors started with the build compete with it for
+    CPU; needs no triggerer; and `airflow dags test`, which runs one task at a time, cannot
+    start a sensor that waits for a producer it has not run), `concurrent` with the producer
+    (as Cosmos makes a DbtTaskGroup), or `always` (all at once, not waiting for upstream)."""
+    return os.environ.get("PRESEND_COSMOS_WATCHER_SENSORS") or "after"
+
+
+def test_behavior_name() -> str:
+    return os.environ.get("PRESEND_COSMOS_TEST_BEHAVIOR", "after_each")
 
 
 def dbt_task_group(group_id: str = "dbt"):
@@ -101,7 +150,8 @@ def dbt_task_group(group_id: str = "dbt"):
     env = transform.dbt_env()
     dbt_env = {k: env[k] for k in ("PRESEND_WAREHOUSE", *settings.TELEMETRY_OFF) if k in env}
     dbt_env["DBT_LOG_PATH"] = str(settings.data_dir() / "dbt" / "logs")
-    return DbtTaskGroup(
+    mode = ExecutionMode(execution_mode_name())
+    group = DbtTaskGroup(
         group_id=group_id,
         project_config=ProjectConfig(
             dbt_project_path=settings.DBT_PROJECT_DIR,
@@ -109,6 +159,7 @@ def dbt_task_group(group_id: str = "dbt"):
             project_name="presend",
             dbt_vars=transform.dbt_vars_dict(),
             env_vars=dbt_env,
+            install_dbt_deps=False,
         ),
         profile_config=ProfileConfig(
             profile_name="presend",
@@ -116,26 +167,72 @@ def dbt_task_group(group_id: str = "dbt"):
             profiles_yml_filepath=settings.DBT_PROJECT_DIR / "profiles.yml",
         ),
         execution_config=ExecutionConfig(
-            execution_mode=ExecutionMode(execution_mode_name()),
-            # In-process dbtRunner: no dbt start-up per task; release_warehouse closes
-            # dbt-duckdb's handle after each task, which it otherwise keeps (with the file's
-            # write lock) for the life of the process.
-            invocation_mode=InvocationMode.DBT_RUNNER,
+            execution_mode=mode,
+            # With the in-process dbtRunner (local mode's default: no dbt start-up per task)
+            # release_warehouse closes dbt-duckdb's handle after each task, which it otherwise
+            # keeps (with the file's write lock) for the life of the process.
+            invocation_mode=InvocationMode(invocation_mode_name()),
             dbt_executable_path=Path(sys.executable).with_name("dbt"),
         ),
         render_config=RenderConfig(
             load_method=LoadMode.DBT_MANIFEST,
-            test_behavior=TestBehavior.AFTER_EACH,
+            test_behavior=TestBehavior(test_behavior_name()),
             source_rendering_behavior=SourceRenderingBehavior.NONE,
             enable_mock_profile=False,
+            # A test on two models (relationships) gets its own task after both: attached to
+            # one model, local mode would run it before the other model exists.
+            should_detach_multiple_parents_tests=mode == ExecutionMode.LOCAL,
         ),
         operator_args={
             "pool": settings.WAREHOUSE_POOL,
-            "install_deps": False,
             "append_env": True,
             "callback": release_warehouse,
+            # Cosmos would name assets after the path in profiles.yml's default, not the warehouse.
+            "emit_datasets": False,
         },
     )
+    if mode == ExecutionMode.WATCHER:
+        _wire_watcher(group)
+    return group
+
+
+def _wire_watcher(group) -> None:
+    """Watcher mode, with one writer: the producer's single `dbt build` is the only task that
+    opens the warehouse (the `warehouse` pool); the per-model and per-test tasks are sensors
+    that read the producer's results (XCom) and run outside the pool.
+
+    By default the sensors start after the producer has finished (success or not; see
+    watcher_sensors): each then settles at its first check, with no deferral. Retries are
+    off: Cosmos skips a producer's retry and a sensor's retry runs dbt for its model outside
+    the pool, so a failed build is rerun as a new DAG run.
+    """
+    from cosmos import settings as cosmos_settings
+
+    # Cosmos's "reliable retry" rewrites an Airflow Variable holding every status so far at
+    # each of the producer's XCom pushes (several per dbt node): quadratic, and it made the
+    # build 5x slower. It only serves a producer retry, which is off here.
+    cosmos_settings.enable_watcher_reliable_retry = False
+    producer_id = f"{group.group_id}.{PRODUCER}"
+    tasks = {t.task_id: t for t in group.iter_tasks()}
+    producer = tasks[producer_id]
+    producer.retries = 0
+    sensors = watcher_sensors()
+    for task_id, task in tasks.items():
+        if task_id == producer_id:
+            continue
+        task.pool = "default_pool"
+        if task_id.endswith(f".{PRODUCER_DONE}"):
+            continue
+        task.retries = 0
+        task.poke_interval = 1
+        if sensors == "after" and not (task.upstream_task_ids & tasks.keys()):
+            producer >> task
+            task.trigger_rule = "all_done"
+        elif sensors == "always":
+            # Each sensor reports its own node from the build (a node dbt skipped after an
+            # upstream failure reports failed), so none waits for its upstream tasks: the
+            # edges still draw the lineage in the graph.
+            task.trigger_rule = "always"
 
 
 def generate_docs() -> dict:
@@ -150,9 +247,10 @@ def generate_docs() -> dict:
     return {"docs": str(docs_dir() / "index.html")}
 
 
-def warehouse_task_ids(group_id: str = "dbt") -> set[str]:
-    """Task ids of presend_transform that open the warehouse, derived from the dbt manifest
-    (so a new model must show up as its own task): all of them."""
+def task_ids(group_id: str = "dbt") -> set[str]:
+    """Task ids of presend_transform, derived from the dbt manifest (so a new model must show
+    up as its own task): one per model, snapshot and seed, one for the tests of each, the
+    execution mode's own tasks, and the docs."""
     import json
 
     nodes = json.loads(ensure_manifest().read_text())["nodes"].values()
@@ -160,12 +258,32 @@ def warehouse_task_ids(group_id: str = "dbt") -> set[str]:
         dep for n in nodes if n["resource_type"] == "test" for dep in n["depends_on"]["nodes"]
     }
     ids = {"generate_docs"}
-    if execution_mode_name() == "watcher":
-        ids |= {f"{group_id}.dbt_producer_watcher", f"{group_id}.dbt_producer_watcher_done"}
+    watcher = execution_mode_name() == "watcher"
+    if watcher:
+        ids |= {f"{group_id}.{PRODUCER}", f"{group_id}.{PRODUCER_DONE}"}
     for node in nodes:
         kind = {"model": "run", "snapshot": "snapshot", "seed": "seed"}.get(node["resource_type"])
         if kind:
             ids.add(f"{group_id}.{node['name']}.{kind}")
             if node["unique_id"] in tested:
                 ids.add(f"{group_id}.{node['name']}.test")
+        parents = [p for p in node["depends_on"]["nodes"] if p.split(".")[0] == "model"]
+        if not watcher and node["resource_type"] == "test" and len(parents) > 1:
+            ids.add(f"{group_id}.{node['name']}_test")  # detached: after all its models
     return ids
+
+
+def warehouse_task_ids(group_id: str = "dbt") -> set[str]:
+    """Task ids of presend_transform that open the warehouse: in watcher mode the producer's
+    `dbt build` and the docs; in local mode every dbt task."""
+    if execution_mode_name() == "watcher":
+        return {"generate_docs", f"{group_id}.{PRODUCER}"}
+    return task_ids(group_id)
+
+
+def tasks_without_retries(group_id: str = "dbt") -> set[str]:
+    """Watcher mode's producer and sensors (see _wire_watcher): a failed build is rerun as a
+    new DAG run."""
+    if execution_mode_name() != "watcher":
+        return set()
+    return task_ids(group_id) - {"generate_docs", f"{group_id}.{PRODUCER_DONE}"}

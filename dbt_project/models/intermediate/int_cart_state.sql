@@ -2,11 +2,18 @@
   Per contact: products added to cart in the last 72 hours and not ordered since (an order
   not cancelled, created at or after the add-to-cart, with a line for the product).
 -#}
+{{ config(
+    materialized='incremental',
+    incremental_strategy='append',
+    pre_hook="{{ delete_affected_contacts() }}",
+) }}
+-- depends_on: {{ ref('int_affected_contacts') }}
 with
 
 identity as (
 
     select * from {{ ref('int_identity__contact_emails') }}
+    {% if is_incremental() %} where contact_id in {{ affected_contacts() }} {% endif %}
 
 ),
 
@@ -38,7 +45,11 @@ ordered as (
     from {{ ref('int_identity__contact_orders') }} as orders
     inner join {{ ref('stg_shop__order_lines') }} as order_lines
         on orders.order_id = order_lines.order_id
-    where not orders.is_cancelled and orders.created_at <= {{ as_of() }}
+    where
+        not orders.is_cancelled and orders.created_at <= {{ as_of() }}
+    {% if is_incremental() %}
+        and orders.contact_id in {{ affected_contacts() }}
+    {% endif %}
     group by orders.contact_id, order_lines.product_id
 
 ),

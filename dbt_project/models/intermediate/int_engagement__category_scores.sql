@@ -3,12 +3,19 @@
   (vars engagement_weights: purchases weigh more than add-to-cart, add-to-cart more than
   views). Purchases count each line of an order that was not cancelled.
 -#}
-{%- set weights = var('engagement_weights') -%}
+{{ config(
+    materialized='incremental',
+    incremental_strategy='append',
+    pre_hook="{{ delete_affected_contacts() }}",
+) }}
+-- depends_on: {{ ref('int_affected_contacts') }}
+{% set weights = var('engagement_weights') -%}
 with
 
 identity as (
 
     select * from {{ ref('int_identity__contact_emails') }}
+    {% if is_incremental() %} where contact_id in {{ affected_contacts() }} {% endif %}
 
 ),
 
@@ -53,6 +60,9 @@ purchases as (
         not orders.is_cancelled
         and orders.created_at > {{ dbt.dateadd('day', -90, as_of()) }}
         and orders.created_at <= {{ as_of() }}
+    {% if is_incremental() %}
+        and orders.contact_id in {{ affected_contacts() }}
+    {% endif %}
 
 ),
 

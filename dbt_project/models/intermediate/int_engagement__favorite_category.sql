@@ -2,11 +2,18 @@
   Per contact: the category with the highest engagement score in the last 90 days. Ties go
   to the category engaged with most recently, then to the first by name.
 -#}
+{{ config(
+    materialized='incremental',
+    incremental_strategy='append',
+    pre_hook="{{ delete_affected_contacts() }}",
+) }}
+-- depends_on: {{ ref('int_affected_contacts') }}
 with
 
 scores as (
 
     select * from {{ ref('int_engagement__category_scores') }}
+    {% if is_incremental() %} where contact_id in {{ affected_contacts() }} {% endif %}
 
 ),
 

@@ -3,6 +3,12 @@
   not a valid IANA name) with the most email opens in the last 180 days. Ties go to the
   earlier hour.
 -#}
+{{ config(
+    materialized='incremental',
+    incremental_strategy='append',
+    pre_hook="{{ delete_affected_contacts() }}",
+) }}
+-- depends_on: {{ ref('int_affected_contacts') }}
 with
 
 contacts as (
@@ -13,6 +19,7 @@ contacts as (
 
     from {{ ref('stg_crm__contacts') }} as contacts
     left join {{ valid_time_zones() }} as zones on contacts.time_zone = zones.zone_name
+    {% if is_incremental() %} where contacts.contact_id in {{ affected_contacts() }} {% endif %}
 
 ),
 
@@ -29,6 +36,9 @@ opens as (
         events.event_type = 'email_opened'
         and events.occurred_at > {{ dbt.dateadd('day', -180, as_of()) }}
         and events.occurred_at <= {{ as_of() }}
+    {% if is_incremental() %}
+        and email_owners.contact_id in {{ affected_contacts() }}
+    {% endif %}
 
 ),
 

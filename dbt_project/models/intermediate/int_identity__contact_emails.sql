@@ -3,12 +3,25 @@
   they reach a contact through here. When several CRM contacts share an email, the most
   recently modified one owns it (the ESP keys contacts by email, so only one can).
 -#}
+{{ config(
+    materialized='incremental',
+    incremental_strategy='append',
+    pre_hook="{{ delete_affected_contacts() }}",
+) }}
+-- depends_on: {{ ref('int_affected_contacts') }}
 with
 
 contacts as (
 
     select * from {{ ref('stg_crm__contacts') }}
-    where email is not null and email <> ''
+    where
+        email is not null and email <> ''
+    {% if is_incremental() %}
+        and email in (
+            select email from {{ ref('stg_crm__contacts') }}
+            where contact_id in {{ affected_contacts() }}
+        )
+    {% endif %}
 
 ),
 
@@ -33,6 +46,9 @@ owners as (
 
     from ranked
     where email_rank = 1
+    {% if is_incremental() %}
+        and contact_id in {{ affected_contacts() }}
+    {% endif %}
 
 )
 

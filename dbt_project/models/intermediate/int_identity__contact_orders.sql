@@ -1,4 +1,10 @@
 {#- Orders matched to the contact that owns their normalised email; unmatched orders drop out. -#}
+{{ config(
+    materialized='incremental',
+    incremental_strategy='append',
+    pre_hook="{{ delete_affected_contacts() }}",
+) }}
+-- depends_on: {{ ref('int_affected_contacts') }}
 with
 
 orders as (
@@ -10,6 +16,7 @@ orders as (
 identity as (
 
     select * from {{ ref('int_identity__contact_emails') }}
+    {% if is_incremental() %} where contact_id in {{ affected_contacts() }} {% endif %}
 
 ),
 

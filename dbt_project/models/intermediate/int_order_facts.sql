@@ -1,10 +1,20 @@
 {#- Per contact: orders not cancelled, all time (up to the reference time). -#}
+{{ config(
+    materialized='incremental',
+    incremental_strategy='append',
+    pre_hook="{{ delete_affected_contacts() }}",
+) }}
+-- depends_on: {{ ref('int_affected_contacts') }}
 with
 
 contact_orders as (
 
     select * from {{ ref('int_identity__contact_orders') }}
-    where not is_cancelled and created_at <= {{ as_of() }}
+    where
+        not is_cancelled and created_at <= {{ as_of() }}
+    {% if is_incremental() %}
+        and contact_id in {{ affected_contacts() }}
+    {% endif %}
 
 ),
 

@@ -3,70 +3,59 @@
   orders, engagement and cart. Unknown values stay null here; esp_merge_fields applies the
   configured defaults. The snapshot customer_profile_snapshot keeps its history.
 -#}
+{{ config(
+    materialized='incremental',
+    incremental_strategy='append',
+    pre_hook="{{ delete_affected_contacts() }}",
+) }}
+-- depends_on: {{ ref('int_affected_contacts') }}
 with
 
 contacts as (
 
     select * from {{ ref('stg_crm__contacts') }}
+    {% if is_incremental() %} where contact_id in {{ affected_contacts() }} {% endif %}
 
 ),
 
 identity as (
 
     select * from {{ ref('int_identity__contact_emails') }}
+    {% if is_incremental() %} where contact_id in {{ affected_contacts() }} {% endif %}
 
 ),
 
 order_facts as (
 
     select * from {{ ref('int_order_facts') }}
+    {% if is_incremental() %} where contact_id in {{ affected_contacts() }} {% endif %}
 
 ),
 
 favorite as (
 
     select * from {{ ref('int_engagement__favorite_category') }}
+    {% if is_incremental() %} where contact_id in {{ affected_contacts() }} {% endif %}
 
 ),
 
 send_hours as (
 
     select * from {{ ref('int_engagement__send_hours') }}
+    {% if is_incremental() %} where contact_id in {{ affected_contacts() }} {% endif %}
 
 ),
 
 cart as (
 
     select * from {{ ref('int_cart_state') }}
-
-),
-
-category_sales as (
-
-    select
-        category,
-        sum(units_sold_90d) as units_sold_90d,
-        sum(units_sold) as units_sold
-
-    from {{ ref('int_product_sales') }}
-    where category is not null
-    group by category
-    having sum(units_sold) > 0
+    {% if is_incremental() %} where contact_id in {{ affected_contacts() }} {% endif %}
 
 ),
 
 store_best_category as (
 
-    select category
-    from (
-        select
-            category,
-            row_number() over (
-                order by units_sold_90d desc, units_sold desc, category asc
-            ) as category_rank
-        from category_sales
-    ) as ranked
-    where category_rank = 1
+    select category from {{ best_selling_category(ref('int_product_sales')) }} as best
 
 ),
 

@@ -4,6 +4,12 @@
   sales rank), then the store's best sellers in stock. A contact who bought n products
   recently can lose at most n candidates from each list, so the top 3 + n of each suffice.
 -#}
+{{ config(
+    materialized='incremental',
+    incremental_strategy='append',
+    pre_hook="{{ delete_affected_contacts() }}",
+) }}
+-- depends_on: {{ ref('int_affected_contacts') }}
 with
 
 profiles as (
@@ -13,6 +19,7 @@ profiles as (
         favorite_category
 
     from {{ ref('customer_profile') }}
+    {% if is_incremental() %} where contact_id in {{ affected_contacts() }} {% endif %}
 
 ),
 
@@ -36,6 +43,9 @@ bought as (
         not orders.is_cancelled
         and orders.created_at > {{ dbt.dateadd('day', -90, as_of()) }}
         and orders.created_at <= {{ as_of() }}
+    {% if is_incremental() %}
+        and orders.contact_id in {{ affected_contacts() }}
+    {% endif %}
 
 ),
 

@@ -3,8 +3,18 @@
   valid email, owner of that email), with the ESP's merge fields. No merge field is null:
   unknown values take the defaults configured in config/presend.yml (merge_field_defaults),
   or the empty value the contract names (0, 0.00, empty string).
+  Incremental: a run rewrites only the contacts in int_affected_contacts, then empties that
+  list (they are consumed: the next run starts from its own changes).
 -#}
-{%- set merge_fields = [
+{{ config(
+    materialized='incremental',
+    incremental_strategy='append',
+    on_schema_change='fail',
+    pre_hook="{{ delete_affected_contacts() }}",
+    post_hook="delete from {{ ref('int_affected_contacts') }}",
+) }}
+-- depends_on: {{ ref('int_affected_contacts') }}
+{% set merge_fields = [
     'EMAIL', 'FIRST_NAME', 'LOYALTY_TIER', 'ORDER_COUNT', 'LIFETIME_VALUE',
     'LAST_ORDER_DATE', 'FAVORITE_CATEGORY',
     'REC_1_TITLE', 'REC_1_URL', 'REC_1_PRICE',
@@ -18,6 +28,9 @@ profiles as (
 
     select * from {{ ref('customer_profile') }}
     where is_marketable
+    {% if is_incremental() %}
+        and contact_id in {{ affected_contacts() }}
+    {% endif %}
 
 ),
 
@@ -33,6 +46,7 @@ recommendations as (
         {%- endfor %}
 
     from {{ ref('customer_recommendations') }}
+    {% if is_incremental() %} where contact_id in {{ affected_contacts() }} {% endif %}
     group by contact_id
 
 ),

@@ -1,8 +1,22 @@
+{#-
+  Incremental like stg_shop__orders: each run parses only the contacts the load stage merged
+  since the last run. A contact archived in the CRM leaves this table (the post-hook).
+-#}
+{{ config(
+    materialized='incremental',
+    unique_key='contact_id',
+    incremental_strategy='delete+insert',
+    post_hook="{{ delete_archived_contacts() }}",
+) }}
+
 with
 
 source as (
 
     select * from {{ raw_source('crm', 'crm_contacts', 'lastmodifieddate', 'properties') }}
+    {% if is_incremental() %}
+        where _loaded_at >= {{ incremental_watermark() }}
+    {% endif %}
 
 ),
 

@@ -1,0 +1,170 @@
+{#-
+  Incremental per-contact models: a run recomputes only the contacts in
+  int_affected_contacts (contacts whose inputs changed since the last run). Such a model
+  is materialized incremental with the append strategy, deletes the affected contacts'
+  rows first (this pre-hook) and inserts them again, recomputed from all their inputs.
+  So a contact that drops out (no cart any more, consent withdrawn) loses its row.
+-#}
+{% macro delete_affected_contacts(column='contact_id') -%}
+    {%- if is_incremental() -%}
+        delete from {{ this }}
+        where {{ column }} in (select contact_id from {{ ref('int_affected_contacts') }})
+    {%- endif -%}
+{%- endmacro %}
+
+{#- The affected contacts' ids, as a subquery for `in`. -#}
+{% macro affected_contacts() -%}
+    (select contact_id from {{ ref('int_affected_contacts') }})
+{%- endmacro %}
+
+{#-
+  What int_affected_contacts remembers between runs (tables next to it, replaced by its
+  post-hooks in the same transaction as its rows): the newest `_loaded_at` of the raw
+  tables, the reference time and the config the run used, and int_product_sales as it was.
+-#}
+{% macro transform_state_relation(suffix) -%}
+    {{ return(api.Relation.create(
+        database=this.database, schema=this.schema,
+        identifier='int_affected_contacts__' ~ suffix)) }}
+{%- endmacro %}
+
+{#- A model of this project as it is now in the warehouse (not a ref: read before it runs). -#}
+{% macro existing_relation(name) -%}
+    {{ return(adapter.get_relation(database=this.database, schema=this.schema, identifier=name)) }}
+{%- endmacro %}
+
+{#- Hash of the vars that change merge fields without any data changing. -#}
+{% macro transform_config_hash() -%}
+    {{ return(local_md5(tojson([
+        var('merge_field_defaults', none), var('store_url', none),
+        var('engagement_weights', none)]))) }}
+{%- endmacro %}
+
+{#-
+  The previous run's state: a dict (loaded_watermark, as_of, config_hash), or none when a
+  run must recompute every contact (no state yet, a table it compares with is missing, or
+  the config changed).
+-#}
+{% macro previous_transform_state() -%}
+    {%- if not execute or not is_incremental() -%}{{ return(none) }}{%- endif -%}
+    {%- set state = transform_state_relation('state') -%}
+    {%- set needed = [
+        state, transform_state_relation('products'),
+        existing_relation('int_identity__contact_emails'),
+        existing_relation('int_identity__contact_orders'),
+        existing_relation('customer_profile'),
+    ] -%}
+    {%- for relation in needed -%}
+        {%- if relation is none or adapter.get_relation(
+                database=relation.database, schema=relation.schema,
+                identifier=relation.identifier) is none -%}
+            {{ return(none) }}
+        {%- endif -%}
+    {%- endfor -%}
+    {%- set rows = run_query(
+        'select loaded_watermark, as_of, config_hash from ' ~ state).rows -%}
+    {%- if rows | length != 1 or rows[0][0] is none
+            or rows[0][2] != transform_config_hash() -%}
+        {{ return(none) }}
+    {%- endif -%}
+    {{ return({'loaded_watermark': rows[0][0], 'as_of': rows[0][1]}) }}
+{%- endmacro %}
+
+{#- Post-hooks of int_affected_contacts: remember this run's state. -#}
+{% macro save_transform_state() -%}
+    {%- set state = transform_state_relation('state') -%}
+    {%- set products = transform_state_relation('products') -%}
+    drop table if exists {{ state }};
+    create table {{ state }} as
+    select
+        max(loaded_at) as loaded_watermark,
+        {{ state_as_of() }} as as_of,
+        cast('{{ transform_config_hash() }}' as {{ dbt.type_string() }}) as config_hash
+    from (
+        {%- for source_name, table_name, cursor, payload in [
+            ('crm', 'crm_contacts', 'lastmodifieddate', 'properties'),
+            ('shop', 'shop_orders', 'updated_at', 'record'),
+            ('shop', 'shop_products', 'updated_at', 'record'),
+            ('analytics', 'events', 'occurred_at', 'record'),
+        ] %}
+        select max(_loaded_at) as loaded_at
+        from {{ raw_source(source_name, table_name, cursor, payload) }} as raw_{{ loop.index }}
+        {% if not loop.last %}union all{% endif %}
+        {%- endfor %}
+    ) as newest;
+    drop table if exists {{ products }};
+    create table {{ products }} as select * from {{ ref('int_product_sales') }}
+{%- endmacro %}
+
+{#-
+  The reference time a run's state records: the pinned `as_of`, else when the run started
+  (no later than the time any model of the run reads as "now", so the next run's window
+  shifts cover everything since).
+-#}
+{% macro state_as_of() -%}
+    {%- set pinned = var('as_of', none) -%}
+    cast('{{ pinned or run_started_at.strftime("%Y-%m-%d %H:%M:%S") }}'
+        as {{ dbt.type_timestamp() }})
+{%- endmacro %}
+
+{#-
+  A condition: `column` (a time) lies where a window ending at the reference time gains or
+  loses it between the previous run's reference time and this run's: (previous, now], and
+  for each (unit, length) of `windows` the same range shifted back by that length.
+-#}
+{% macro crosses_a_window(column, previous_as_of, windows) -%}
+    {%- set earlier = 'least(' ~ previous_as_of ~ ', ' ~ as_of() ~ ')' -%}
+    {%- set later = 'greatest(' ~ previous_as_of ~ ', ' ~ as_of() ~ ')' -%}
+    (
+        ({{ column }} > {{ earlier }} and {{ column }} <= {{ later }})
+        {%- for unit, length in windows %}
+            or (
+                {{ column }} > {{ dbt.dateadd(unit, -length, earlier) }}
+                and {{ column }} <= {{ dbt.dateadd(unit, -length, later) }}
+            )
+        {%- endfor %}
+    )
+{%- endmacro %}
+
+{#- The store-wide best-selling category (column `category`, one row or none) of a relation
+    shaped like int_product_sales: the fallback favourite category. -#}
+{% macro best_selling_category(product_sales) -%}
+    (
+        select category
+        from (
+            select
+                category,
+                row_number() over (
+                    order by sum(units_sold_90d) desc, sum(units_sold) desc, category asc
+                ) as category_rank
+            from {{ product_sales }}
+            where category is not null
+            group by category
+            having sum(units_sold) > 0
+        ) as ranked_categories
+        where category_rank = 1
+    )
+{%- endmacro %}
+
+{#- A condition: the product listed at a rank differs between two int_product_sales states. -#}
+{% macro product_listing_differs(new, old) -%}
+    (
+        {%- for column in ['product_id', 'title', 'handle', 'price', 'category'] %}
+            {{ new }}.{{ column }} is distinct from {{ old }}.{{ column }}
+            {%- if not loop.last %} or{% endif %}
+        {%- endfor %}
+    )
+{%- endmacro %}
+
+{#- Post-hook of stg_crm__contacts: contacts archived in the CRM leave it. -#}
+{% macro delete_archived_contacts() -%}
+    {%- if is_incremental() -%}
+        delete from {{ this }}
+        where contact_id in (
+            select id
+            from {{ raw_source('crm', 'crm_contacts', 'lastmodifieddate', 'properties') }}
+                as raw_contacts
+            where archived
+        )
+    {%- endif -%}
+{%- endmacro %}
