@@ -18,10 +18,14 @@ export UV_PROJECT_ENVIRONMENT := $(VENV)
 demo: $(VENV)/.synced  ## run the whole pre-send sync once against the sandbox
 	$(RUN) -m presend demo
 
-test: $(VENV)/.synced  ## lint, then every test
+# Test workers in parallel (pytest-xdist): the tests wait on subprocesses and servers much of
+# the time. A file's tests stay on one worker, so module-scoped servers start once.
+TEST_WORKERS ?= 2
+
+test: $(VENV)/.synced  ## lint, then every test (TEST_WORKERS=n parallel workers, 0: serial)
 	$(VENV)/bin/ruff check .
 	$(SQLFLUFF) lint dbt_project
-	$(VENV)/bin/python -m pytest
+	$(VENV)/bin/python -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 airflow: $(VENV)/.synced  ## the Airflow UI on http://localhost:8080 with the sandbox running
 	$(RUN) -m presend airflow
@@ -32,8 +36,8 @@ sandbox: $(VENV)/.synced  ## the sandbox CRM (:8081) and ESP (:8082) in the fore
 dbt: $(VENV)/.synced  ## dbt with presend's vars and warehouse, e.g. make dbt ARGS="build"
 	$(RUN) -m presend dbt $(ARGS)
 
-bench-quality: $(VENV)/.synced  ## the quality gate at 1M contacts (CONTACTS=n to change): time, peak RSS
-	$(VENV)/bin/python bench/bench_quality.py
+bench-quality: $(VENV)/.synced  ## the quality gate at 1M contacts (CONTACTS=n to change; ARGS="--no-bytecode-cache"): time, peak RSS
+	$(VENV)/bin/python bench/bench_quality.py $(ARGS)
 
 bench-push: $(VENV)/.synced  ## 100k changed contacts to the sandbox ESP at a rate limit (ARGS="--vendor klaviyo")
 	$(VENV)/bin/python bench/bench_push.py $(ARGS)
@@ -69,3 +73,7 @@ bench-ingest: $(VENV)/.synced  ## ingest benchmark, not in `make test`: presend 
 .PHONY: bench-transform
 bench-transform: $(VENV)/.synced  ## dbt: full refresh vs incremental after a 1% change (ARGS="--contacts 1000000 --events 10000000")
 	$(RUN) bench/bench_transform.py $(ARGS)
+
+.PHONY: bench-cosmos
+bench-cosmos: $(VENV)/.synced  ## dbt through Cosmos (real scheduler) vs a plain dbt build (ARGS="--variants plain,watcher,local --runner dags-test")
+	$(RUN) bench/bench_cosmos.py $(ARGS)

@@ -2,8 +2,14 @@
 
 Builds a warehouse with CONTACTS rows of esp_merge_fields (every merge field of the contract,
 including recommendations checked against a product catalogue) plus raw sources, then runs the
-whole gate (both GX checkpoints, quarantine, history, Data Docs) in a fresh Python process, as
-the Airflow task does, and reports its wall time and peak RSS. The budget: 15 s and 2 GB.
+whole gate (importing GX, both checkpoints, quarantine, history, Data Docs) in a fresh Python
+process, as an Airflow task does, and reports its wall and CPU time and peak RSS. The budget for
+the whole validation, GX's import included: 15 s and 2 GB.
+
+Python's bytecode is cached, as in the image (pip compiles it on install) and in any venv whose
+interpreter may write `__pycache__`: a warm-up gate on a small warehouse fills a cache under the
+system temp dir (the shared venv is not written to). `--no-bytecode-cache` measures the slower
+case where every module is compiled from source on every start (PYTHONDONTWRITEBYTECODE=1).
 """
 
 from __future__ import annotations
@@ -73,9 +79,9 @@ def cpu():
     u = resource.getrusage(resource.RUSAGE_SELF)
     return u.ru_utime + u.ru_stime
 t0, c0 = time.perf_counter(), cpu()
-import great_expectations
-t1, c1 = time.perf_counter(), cpu()
 from presend import quality
+quality.load_great_expectations()  # as gate() imports it
+t1, c1 = time.perf_counter(), cpu()
 r = quality.gate()
 t2, c2 = time.perf_counter(), cpu()
 print(json.dumps({"import": t1 - t0, "gate": t2 - t1, "import_cpu": c1 - c0, "gate_cpu": c2 - c1,
@@ -84,44 +90,73 @@ print(json.dumps({"import": t1 - t0, "gate": t2 - t1, "import_cpu": c1 - c0, "ga
 """
 
 
+def run_gate(data: Path, env: dict[str, str]) -> tuple[dict, float]:
+    """One gate in a fresh process over the warehouse in `data`: its figures and wall time."""
+    t0 = time.perf_counter()
+    out = subprocess.run(
+        [sys.executable, "-c", GATE],
+        env=env | {"PRESEND_DATA_DIR": str(data)},
+        check=False,
+        capture_output=True,
+        text=True,
+    )
+    wall = time.perf_counter() - t0
+    if out.returncode:
+        print(out.stderr[-3000:], file=sys.stderr)
+        raise SystemExit("the gate failed")
+    return json.loads(out.stdout.strip().splitlines()[-1]), wall
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--contacts", type=int, default=int(os.environ.get("CONTACTS", 1_000_000)))
+    parser.add_argument(
+        "--no-bytecode-cache",
+        action="store_true",
+        help="compile every module from source on start (PYTHONDONTWRITEBYTECODE=1)",
+    )
     args = parser.parse_args(argv)
     plugins = Path(__file__).resolve().parents[1] / "plugins"
+    env = os.environ | {
+        "PRESEND_TASK_POOL": "warehouse",
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(plugins), os.environ.get("PYTHONPATH")])),
+        "GX_ANALYTICS_ENABLED": "false",
+    }
+    if args.no_bytecode_cache:
+        env["PYTHONDONTWRITEBYTECODE"] = "1"
+        env.pop("PYTHONPYCACHEPREFIX", None)
+    else:
+        env.pop("PYTHONDONTWRITEBYTECODE", None)
+        env["PYTHONPYCACHEPREFIX"] = str(Path(tempfile.gettempdir()) / "presend-bench-pycache")
     with tempfile.TemporaryDirectory(prefix="presend-bench-") as tmp:
-        data = Path(tmp)
+        if not args.no_bytecode_cache:
+            warm = Path(tmp) / "warm-up"
+            warm.mkdir()
+            build(warm / "warehouse.duckdb", 1_000)
+            run_gate(warm, env)
+        data = Path(tmp) / "bench"
+        data.mkdir()
         t0 = time.perf_counter()
         build(data / "warehouse.duckdb", args.contacts)
         print(f"built {args.contacts:,} contacts in {time.perf_counter() - t0:.1f} s")
-        env = os.environ | {
-            "PRESEND_DATA_DIR": str(data),
-            "PRESEND_TASK_POOL": "warehouse",
-            "PYTHONPATH": os.pathsep.join(
-                filter(None, [str(plugins), os.environ.get("PYTHONPATH")])
-            ),
-            "GX_ANALYTICS_ENABLED": "false",
-        }
-        t0 = time.perf_counter()
-        out = subprocess.run(
-            [sys.executable, "-c", GATE], env=env, check=False, capture_output=True, text=True
-        )
-        wall = time.perf_counter() - t0
-    if out.returncode:
-        print(out.stderr[-3000:], file=sys.stderr)
-        print("the gate failed")
-        return 1
-    r = json.loads(out.stdout.strip().splitlines()[-1])
+        r, wall = run_gate(data, env)
+    total, total_cpu = r["import"] + r["gate"], r["import_cpu"] + r["gate_cpu"]
+    cache = "no (compiled on start)" if args.no_bytecode_cache else "yes (warmed up)"
     print(f"gate outcome: {r['outcome']} on {r['rows']:,} rows, {r['passed']} expectations passed")
-    print("                               wall     CPU (user + sys)")
-    print(f"  import great_expectations   {r['import']:5.1f} s  {r['import_cpu']:5.1f} s")
-    print(f"  validation (the gate)       {r['gate']:5.1f} s  {r['gate_cpu']:5.1f} s")
-    print(f"  whole process               {wall:5.1f} s")
-    print(f"  load average during the run {os.getloadavg()[0]:5.1f} (on {os.cpu_count()} CPUs)")
-    print(f"  peak RSS                    {r['rss_mb']:6,.0f} MB")
-    ok = r["outcome"] == "passed" and r["gate"] <= BUDGET_SECONDS and r["rss_mb"] <= BUDGET_RSS_MB
+    print(f"bytecode cached: {cache}")
+    print("                                      wall     CPU (user + sys)")
+    print(f"  import great_expectations          {r['import']:5.1f} s  {r['import_cpu']:5.1f} s")
+    print(f"  validation (the gate)              {r['gate']:5.1f} s  {r['gate_cpu']:5.1f} s")
+    print(f"  whole validation (import + gate)   {total:5.1f} s  {total_cpu:5.1f} s")
+    print(f"  whole process (with interpreter)   {wall:5.1f} s")
+    load = os.getloadavg()[0]
+    print(f"  load average during the run        {load:5.1f} (on {os.cpu_count()} CPUs)")
+    print(f"  peak RSS                           {r['rss_mb']:6,.0f} MB")
+    ok = r["outcome"] == "passed" and total <= BUDGET_SECONDS and r["rss_mb"] <= BUDGET_RSS_MB
     verdict = "OK" if ok else "OVER BUDGET"
-    print(f"budget: validation <= {BUDGET_SECONDS:.0f} s, <= {BUDGET_RSS_MB:,.0f} MB: {verdict}")
+    print(
+        f"budget: whole validation <= {BUDGET_SECONDS:.0f} s, <= {BUDGET_RSS_MB:,.0f} MB: {verdict}"
+    )
     return 0 if ok else 1
 
 

@@ -44,7 +44,12 @@ for campaign in schedule.campaigns:
                 type=["null", "string"],
                 enum=[None, *(b.name for b in campaign.batches)],
                 description="sync this batch now (a run by hand)",
-            )
+            ),
+            "refresh": Param(
+                False,
+                type="boolean",
+                description="ingest and rebuild the models first, even when the data is fresh",
+            ),
         },
         doc_md=__doc__,
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import tempfile
 from pathlib import Path
@@ -9,6 +10,9 @@ from pathlib import Path
 # Before anything imports Airflow: a throwaway AIRFLOW_HOME, never the user's ~/airflow.
 os.environ["AIRFLOW_HOME"] = tempfile.mkdtemp(prefix="presend-test-airflow-")
 os.environ["AIRFLOW__CORE__LOAD_EXAMPLES"] = "False"
+# Cosmos keeps dbt's partial-parse files in a cache folder (by default one per machine):
+# one per test process, so parallel workers never write each other's.
+os.environ["AIRFLOW__COSMOS__CACHE_DIR"] = tempfile.mkdtemp(prefix="presend-test-cosmos-")
 
 import pytest
 
@@ -54,9 +58,15 @@ def sendgrid(sandbox):
 
 @pytest.fixture(scope="session")
 def migrated_airflow_home(tmp_path_factory) -> Path:
-    """An AIRFLOW_HOME with migrated SQLite metadata and the pool, made once per session."""
+    """An AIRFLOW_HOME with migrated SQLite metadata and the pool, made once per test run
+    (shared by the pytest-xdist workers: `airflow db migrate` is slow). Tests copy it."""
     from presend import cli
 
-    home = tmp_path_factory.mktemp("airflow_home")
-    cli.prepare_airflow(cli.airflow_env(home))
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the workers' common base folder
+    home = root / "migrated_airflow_home"
+    with open(root / "migrated_airflow_home.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        cli.prepare_airflow(cli.airflow_env(home))  # at once when another worker did it
     return home

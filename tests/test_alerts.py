@@ -52,6 +52,17 @@ def test_a_missed_deadline_alerts_with_the_campaign(recorded):
     assert "0:10:00 before send time" in message
 
 
+def test_a_backfill_of_a_past_batch_does_not_alert(recorded):
+    # A backfill run is created after its batch's deadline by design; it pushes nothing.
+    run = {"dag_run_id": "backfill__2026-01-05T07:15:00+00:00", "run_type": "backfill"}
+    asyncio.run(alerts.deadline_missed("winter_sale", "0:10:00", context={"dag_run": run}))
+    assert not recorded.exists()
+    run = {"dag_run_id": "scheduled__2026-01-05T07:15:00+00:00", "run_type": "scheduled"}
+    asyncio.run(alerts.deadline_missed("winter_sale", "0:10:00", context={"dag_run": run}))
+    (message,) = messages(recorded)
+    assert "(run scheduled__2026-01-05T07:15:00+00:00)" in message
+
+
 def test_an_alert_that_cannot_be_sent_does_not_raise(tmp_path, monkeypatch):
     doc = yaml.safe_load(settings.CONFIG_FILE.read_text())
     doc["alerts"] = {"notifier": "no_such_module.Notifier"}

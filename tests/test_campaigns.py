@@ -136,3 +136,39 @@ def test_durations():
     assert campaigns.parse_duration("1d") == timedelta(days=1)
     with pytest.raises(ValueError, match="not a duration"):
         campaigns.parse_duration("2 hours")
+
+
+def test_batches_due_close_together_get_their_own_runs_one_after_the_other(tmp_path, monkeypatch):
+    """Two sends five minutes apart: the DAG's timetable has a run for each sync time, and
+    runs of one campaign never overlap, so the second waits for the first to push."""
+    from airflow.models.dagbag import DagBag
+    from airflow.timetables.base import TimeRestriction
+
+    from presend import settings
+
+    doc = broken(campaigns__0__batches__1__send_at="2026-12-01T08:05:00+01:00")
+    path = tmp_path / "campaigns.yml"
+    path.write_text(yaml.safe_dump(doc))
+    monkeypatch.setenv("PRESEND_CAMPAIGNS", str(path))
+    bag = DagBag(
+        dag_folder=str(settings.PROJECT_DIR / "dags" / "presend_campaign.py"),
+        known_pools={"default_pool", settings.WAREHOUSE_POOL},
+    )
+    assert not bag.import_errors
+    dag = bag.dags["presend_campaign_winter_sale"]
+    assert dag.max_active_runs == 1
+    restriction = TimeRestriction(
+        earliest=datetime(2026, 1, 1, tzinfo=UTC), latest=None, catchup=True
+    )
+    first = dag.timetable.next_dagrun_info(
+        last_automated_data_interval=None, restriction=restriction
+    )
+    second = dag.timetable.next_dagrun_info(
+        last_automated_data_interval=first.data_interval, restriction=restriction
+    )
+    assert [first.logical_date, second.logical_date] == [
+        datetime(2026, 12, 1, 6, 15, tzinfo=UTC),
+        datetime(2026, 12, 1, 6, 20, tzinfo=UTC),
+    ]
+    campaign = campaigns.load(path).campaigns[0]
+    assert [b.name for b in campaigns.batches_due(campaign, second.logical_date)] == ["everyone"]

@@ -47,6 +47,14 @@ def test_a_failed_demo_reports_the_stage_and_stops_the_sandbox(tmp_path, migrate
     assert proc.returncode != 0
     assert "FAILED (failed at quality)" in proc.stdout
     assert "0 contacts pushed" in proc.stdout
+    # The campaign's run report: both batches blocked by the gate, nothing pushed.
+    batches = re.findall(
+        r"^  (loyal_first|everyone_else) .* (\w+) +- +(failed) ", proc.stdout, re.M
+    )
+    assert [(b, s) for b, s, _ in batches] == [
+        ("loyal_first", "blocked"),
+        ("everyone_else", "blocked"),
+    ], proc.stdout
     ports = [int(p) for p in re.findall(r"http://127\.0\.0\.1:(\d+)", proc.stdout)[:2]]
     assert len(ports) == 2
     for port in ports:

@@ -3,10 +3,12 @@ rate-limit headers, Retry-After, and the push task's dry run through real Airflo
 
 from __future__ import annotations
 
+import itertools
 import json
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -94,35 +96,113 @@ def test_batch_limits_are_capped_at_the_vendors_own(vendor, limits):
 # ---------------------------------------------------------------------------------------------
 
 
-def test_vendor_rate_limit_headers_are_read_as_remaining_and_seconds_to_reset(monkeypatch):
+def test_vendor_rate_limit_headers_are_read_as_remaining_and_the_time_of_the_reset(monkeypatch):
     monkeypatch.setattr("presend.esp.time.time", lambda: 1_000.0)
-    assert sendgrid_limits({"X-RateLimit-Remaining": "0", "X-RateLimit-Reset": "1003"}) == (
+    monkeypatch.setattr("presend.esp.time.monotonic", lambda: 50.0)
+    # SendGrid's reset is an epoch second; Klaviyo's counts seconds from when the ESP took the
+    # request, so it is reckoned from when the request was sent (here at 48.5).
+    assert sendgrid_limits({"X-RateLimit-Remaining": "0", "X-RateLimit-Reset": "1003"}, 48.5) == (
         0,
-        3.0,
+        53.0,
     )
-    assert klaviyo_limits({"RateLimit-Remaining": "7", "RateLimit-Reset": "12"}) == (7, 12.0)
-    assert sendgrid_limits({}) is None
-    assert klaviyo_limits({"RateLimit-Remaining": "1"}) is None
+    assert klaviyo_limits({"RateLimit-Remaining": "7", "RateLimit-Reset": "12"}, 48.5) == (
+        7,
+        60.5,
+    )
+    assert sendgrid_limits({}, 48.5) is None
+    assert klaviyo_limits({"RateLimit-Remaining": "1"}, 48.5) is None
 
 
-def test_the_limiter_waits_for_the_reset_only_when_the_bucket_is_empty(monkeypatch):
-    slept: list[float] = []
-    clock = [100.0]
-    monkeypatch.setattr("presend.esp.time.monotonic", lambda: clock[0])
-    monkeypatch.setattr("presend.esp.time.sleep", slept.append)
+@pytest.fixture
+def clock(monkeypatch) -> dict:
+    """A fake monotonic clock for the limiter; sleeping moves it on."""
+    state = {"now": 100.0, "slept": []}
+
+    def sleep(seconds: float) -> None:
+        state["slept"].append(round(seconds, 6))
+        state["now"] += seconds
+
+    monkeypatch.setattr("presend.esp.time.monotonic", lambda: state["now"])
+    monkeypatch.setattr("presend.esp.time.sleep", sleep)
+    return state
+
+
+def test_after_the_last_request_of_a_window_the_limiter_waits_for_the_reset_per_route(clock):
+    limiter = RateLimiter(klaviyo_limits, margin=0.02)
+
+    limiter.observe("POST /jobs", {"RateLimit-Remaining": "0", "RateLimit-Reset": "9"}, 100.0)
+    limiter.wait("GET /jobs/{id}")  # another route's window is not used up
+    assert clock["slept"] == []
+    limiter.wait("POST /jobs")
+    assert clock["slept"] == [9.02]
+    limiter.wait("POST /jobs")  # the reset has come: no second wait
+    assert clock["slept"] == [9.02]
+
+
+def test_the_limiter_spreads_what_is_left_of_the_window_evenly(clock):
     limiter = RateLimiter(klaviyo_limits)
-
-    limiter.observe("POST /jobs", {"RateLimit-Remaining": "3", "RateLimit-Reset": "9"})
+    # 149 of 150 left with 60 s to go: one request every 0.4 s keeps to the per-minute limit
+    # (and far within the per-second burst limit the headers do not advertise).
+    limiter.observe("POST /jobs", {"RateLimit-Remaining": "149", "RateLimit-Reset": "60"}, 100.0)
     limiter.wait("POST /jobs")
-    assert slept == []
+    assert clock["slept"] == [0.4]
 
-    limiter.observe("POST /jobs", {"RateLimit-Remaining": "0", "RateLimit-Reset": "9"})
-    limiter.wait("GET /jobs/{id}")  # another route's bucket is not empty
-    assert slept == []
+
+def test_a_slow_request_does_not_push_the_next_window_back(clock):
+    """With a 1-request/s limit and requests that take 0.3 s to answer, the next request goes
+    1 s (plus the margin) after the last one was sent, not 1 s after its answer came: waiting
+    from the answer gave 1.3 s per request, 77% of the limit."""
+    limiter = RateLimiter(klaviyo_limits, margin=0.02)
+    sends = []
+    for _ in range(5):
+        limiter.wait("POST /jobs")
+        sent_at = clock["now"]
+        sends.append(sent_at)
+        clock["now"] += 0.3  # the ESP takes the request and answers 0.3 s later
+        limiter.observe("POST /jobs", {"RateLimit-Remaining": "0", "RateLimit-Reset": "1"}, sent_at)
+    gaps = [round(b - a, 6) for a, b in itertools.pairwise(sends)]
+    assert gaps == [1.02] * 4
+
+
+def test_a_429_despite_pacing_widens_the_margin_up_to_the_headers_resolution(clock):
+    limiter = RateLimiter(klaviyo_limits, margin=0.25)
+    empty = {"RateLimit-Remaining": "0", "RateLimit-Reset": "1"}
+
+    for expected in (0.5, 1.0, 1.0):
+        limiter.observe("POST /jobs", empty, clock["now"], throttled=True)
+        assert limiter.margin("POST /jobs") == expected
+    assert limiter.margin("GET /jobs/{id}") == 0.25
+    assert limiter.throttled == 3
     limiter.wait("POST /jobs")
-    assert slept == [9.0]
-    limiter.wait("POST /jobs")  # the wait used the reset up
-    assert slept == [9.0]
+    assert clock["slept"] == [2.0]
+
+
+def test_pacing_keeps_a_slow_esp_at_its_rate_limit_without_a_429(data_dir, sandbox):
+    """Against the sandbox ESP: 1 import per second, each taking 0.3 s to be accepted."""
+    write_merge_fields(10)
+    requests.post(
+        f"{sandbox.esp_url}/_sandbox/faults",
+        json={"rate_limits": {KLAVIYO_IMPORT: [1, 1]}, "write_latency": 0.3},
+        timeout=30,
+    ).raise_for_status()
+    adapter = make_adapter(
+        "klaviyo", sandbox.esp_url, ESP_API_KEY, max_batch_contacts=2, poll_interval=0.01
+    )
+    sends: list[float] = []
+
+    def note(resp, *args, **kwargs):
+        if resp.request.method == "POST":
+            sends.append(time.monotonic() - resp.elapsed.total_seconds())
+
+    adapter.http.hooks["response"].append(note)
+
+    result = push.push(adapter)
+
+    assert (result.pushed, result.batches) == (10, 5)
+    assert request_counts(sandbox.esp_url)[KLAVIYO_IMPORT] == 5  # not one 429
+    # Waiting from the answers would space the imports 1.3 s apart.
+    gaps = [b - a for a, b in itertools.pairwise(sends)]
+    assert sum(gaps) / len(gaps) < 1.15, gaps
 
 
 def test_klaviyo_push_retries_a_429_after_retry_after_and_then_keeps_within_the_limit(

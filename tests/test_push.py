@@ -632,6 +632,26 @@ def test_push_rides_out_5xx_bursts_and_keeps_within_the_rate_limit(data_dir, san
     assert esp.adapter.client.limiter.waited > 0
 
 
+def test_the_next_batch_goes_out_while_the_last_import_job_is_still_running(data_dir, sandbox):
+    """Jobs are collected in the background: a push is not held up by each job's processing."""
+    rows = [make_row(i) for i in range(1, ROWS + 1)]
+    write_merge_fields(rows)
+    esp = Esp("klaviyo", sandbox.esp_url, max_batch_contacts=4)
+    esp.adapter.poll_interval = 0.5  # every job is still queued for half a second
+    seen: list[tuple[str, str]] = []
+    esp.adapter.http.hooks["response"].append(
+        lambda r, *a, **k: seen.append((r.request.method, r.json()["data"]["attributes"]["status"]))
+    )
+
+    result = push.push(esp.adapter)
+
+    assert (result.pushed, result.batches) == (ROWS, 3)
+    assert_esp_holds(esp, rows)
+    first_complete = seen.index(("GET", "complete"))
+    assert [m for m, _ in seen[:first_complete]].count("POST") > 1, seen
+    assert vendor_ledger("klaviyo") == {r["contact_id"]: r["fields_hash"] for r in rows}
+
+
 def test_a_crash_after_submitting_is_recovered_without_sending_again(data_dir, sandbox):
     rows = [make_row(i) for i in range(1, ROWS + 1)]
     write_merge_fields(rows)
@@ -643,17 +663,20 @@ def test_a_crash_after_submitting_is_recovered_without_sending_again(data_dir, s
     crashing.adapter.collect = die
     with pytest.raises(KeyboardInterrupt):
         push.push(crashing.adapter)
-    assert query("select count(*) from push_jobs")[0][0] == 1
+    # Every job the ESP took before the crash is known (several are collected at a time).
+    submitted = len(crashing.bodies)
+    assert submitted >= 1
+    assert query("select count(*) from push_jobs")[0][0] == submitted
     assert vendor_ledger("klaviyo") == {}
 
     rerun = Esp("klaviyo", sandbox.esp_url, max_batch_contacts=5)
     result = push.push(rerun.adapter)
 
-    assert result.recovered_jobs == 1
+    assert result.recovered_jobs == submitted
     assert result.pushed == ROWS
     sent_again = {r["email"] for n in range(len(rerun.bodies)) for r in rerun.records(n)}
-    first_batch = {r["email"] for r in crashing.records(0)}
-    assert not sent_again & first_batch
+    taken = {r["email"] for n in range(submitted) for r in crashing.records(n)}
+    assert not sent_again & taken
     assert_esp_holds(rerun, rows)
     assert query("select count(*) from push_jobs")[0][0] == 0
 
@@ -768,3 +791,27 @@ def test_a_changed_email_moves_the_fields_and_clears_them_under_the_old_email(ro
     writes = esp.writes()
     assert push.push(esp.adapter).pushed == 0
     assert esp.writes() == writes
+
+
+def test_an_address_another_contact_takes_over_is_not_cleared(rows, esp):
+    # A duplicate CRM record of contact 3 takes its address (identity resolution gives the
+    # address to the newest record), and contact 5 moves to contact 4's old address.
+    push.push(esp.adapter)
+    dup = make_row(1000, EMAIL=rows[2]["EMAIL"], FIRST_NAME="Twin")
+    moved = make_row(5, EMAIL=rows[3]["EMAIL"])
+    rows = [
+        r for r in rows if r["contact_id"] not in {rows[2]["contact_id"], rows[3]["contact_id"]}
+    ]
+    rows = [moved if r["contact_id"] == moved["contact_id"] else r for r in rows] + [dup]
+    write_merge_fields(rows)
+
+    result = push.push(esp.adapter)
+
+    assert result.rejected == 0
+    holding = esp.held()
+    # The addresses hold their new owners' values, never a clear.
+    assert holding[dup["EMAIL"]]["FIRST_NAME"] == "Twin"
+    assert holding[moved["EMAIL"]]["FIRST_NAME"] == moved["FIRST_NAME"]
+    assert holding[moved["EMAIL"]]["LOYALTY_TIER"] == moved["LOYALTY_TIER"]
+    # Contact 5's own old address is nobody's now: cleared.
+    assert not holding[make_row(5)["EMAIL"]]["FIRST_NAME"]

@@ -56,12 +56,14 @@ def _seed_warehouse() -> None:
     quality.gate(RUN_CAMPAIGN)
     with warehouse.connect() as con:
         con.execute(campaign_run.SCHEMA_SQL)
-        for batch, pushed in (("eu", 60), ("us", 40)):
+        for batch, hour, pushed in (("eu", 9, 60), ("us", 15, 40)):
             con.execute(
-                "insert into campaign_runs (campaign, batch, run_id, send_at, status, pushed, "
-                "skipped, quarantined, rejected, recorded_at) "
-                "values ('spring_sale', ?, ?, now(), 'pushed', ?, 0, 0, 0, now())",
-                [batch, RUN_CAMPAIGN, pushed],
+                "insert into campaign_runs (campaign, batch, run_id, send_at, status, "
+                "data_age_seconds, quality_status, pushed, skipped, quarantined, rejected, "
+                "push_seconds, recorded_at) values ('spring_sale', ?, ?, "
+                "make_timestamptz(2026, 11, 22, ?, 45, 0.0, 'UTC'), 'pushed', 1234.4, 'passed', "
+                "?, 0, 0, 0, 2.04, now())",
+                [batch, RUN_CAMPAIGN, hour, pushed],
             )
     quality.gate(RUN_OK)
     stages = {s: {} for s in report.STAGES}
@@ -202,7 +204,11 @@ def test_logged_in_user_sees_runs_quarantine_and_push_counts(server):
     campaign_page = requests.get(
         f"{server.url}/presend-quality/", params={"run_id": RUN_CAMPAIGN}, headers=auth, timeout=30
     ).text
-    assert "<td>spring_sale</td><td>eu</td><td>pushed</td><td>60</td>" in campaign_page
+    # The batch's run report: send time, data age at push, quality, counts, push duration.
+    assert (
+        "<td>spring_sale</td><td>eu</td><td>2026-11-22 09:45</td><td>pushed</td>"
+        "<td>1234.0</td><td>passed</td><td>60</td><td>0</td><td>0</td><td>0</td><td>2.0</td>"
+    ) in campaign_page
     assert "pushed <b>100</b>" in campaign_page
 
     docs = re.search(r'id="run-docs" href="([^"]+)"', html).group(1)

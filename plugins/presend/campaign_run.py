@@ -60,10 +60,18 @@ def plan_batch(campaign: str) -> dict:
             f"no batch of campaign {campaign} is due at {ctx.get('logical_date')}; "
             "trigger with the `batch` param to sync one by hand"
         )
+    now = datetime.now(UTC)
+    run_type = getattr(ctx.get("dag_run"), "run_type", "")
     return {
         "campaign": c.name,
         "esp": c.esp,
         "freshness_seconds": c.freshness.total_seconds(),
+        "refresh": bool(ctx["params"].get("refresh")),
+        # Every due batch went out already (a backfill, or a run far too late): nothing can be
+        # pushed any more, so the run neither refreshes nor gates; it records the miss.
+        "missed": all(b.send_at <= now for b in due),
+        # "scheduled", "manual", "backfill" (DagRunType's value, not its repr).
+        "run_type": str(getattr(run_type, "value", run_type) or ""),
         "batches": [{"name": b.name, "send_at": b.send_at.isoformat()} for b in due],
     }
 
@@ -86,7 +94,16 @@ def data_age_seconds() -> float | None:
 
 
 def choose_refresh(plan: dict) -> list[str]:
-    """Branch: refresh the data (ingest + dbt) when it is older than the campaign allows."""
+    """Branch: refresh the data (ingest + dbt) when it is older than the campaign allows or
+    the run asks for it (`refresh` param); go straight to the report when the batches' send
+    time has passed."""
+    if plan.get("missed"):
+        # Skipping both branches skips the push; the report task runs after anything.
+        print("every due batch's send time has passed: nothing to refresh, gate or push")
+        return []
+    if plan.get("refresh"):
+        print("the run asks for a refresh (param `refresh`): refreshing")
+        return ["plan_streams"]
     age = data_age_seconds()
     if age is None or age > plan["freshness_seconds"]:
         print(f"data age {age} s exceeds the campaign's {plan['freshness_seconds']} s: refreshing")
@@ -95,33 +112,59 @@ def choose_refresh(plan: dict) -> list[str]:
     return ["gate_merge_fields"]
 
 
+COUNTS = ("pushed", "skipped", "quarantined", "rejected")
+
+
 def push_batch(plan: dict) -> dict:
-    """Push the due batches' audience, unless their send time has passed (a late run or a
-    backfill: the campaign went out already, so a push now could only surprise)."""
+    """Push each due batch's audience, in send order, unless its send time has passed (a late
+    run: the batch went out already, so a push now could only surprise). Each batch gets its
+    own counts; a contact in two audiences is sent by the first and skipped by the second."""
     from presend import esp
     from presend import push as push_stage
 
-    c = _campaign(plan["campaign"])
+    schedule = campaigns.load()
+    c = next(c for c in schedule.campaigns if c.name == plan["campaign"])
     names = {b["name"] for b in plan["batches"]}
-    batches = [b for b in c.batches if b.name in names]
-    now = datetime.now(UTC)
-    if all(b.send_at <= now for b in batches):
-        return {"status": "missed", "reason": "send time passed before the push"}
-    where, params = campaigns.audience_filter([b for b in batches if b.send_at > now])
+    batches = sorted((b for b in c.batches if b.name in names), key=lambda b: b.send_at)
     cfg = config.load()
     adapter = esp.from_airflow(
         c.esp,
         max_batch_contacts=cfg.esp_batch_max_contacts,
         max_batch_bytes=cfg.esp_batch_max_bytes,
     )
+    margin = schedule.safety_margin
     age = data_age_seconds()
-    started = time.monotonic()
-    result = push_stage.push(adapter, audience=(where, params)).to_dict()
-    return result | {
-        "status": "pushed",
-        "data_age_seconds": age,
-        "push_seconds": round(time.monotonic() - started, 3),
-        "acknowledged_at": datetime.now(UTC).isoformat(),
+    per_batch: dict[str, dict] = {}
+    for b in batches:
+        if b.send_at <= datetime.now(UTC):
+            per_batch[b.name] = {"status": "missed", "reason": "send time passed before the push"}
+            continue
+        started = time.monotonic()
+        result = push_stage.push(adapter, audience=campaigns.audience_filter([b])).to_dict()
+        acknowledged = datetime.now(UTC)
+        late = acknowledged > b.send_at - margin
+        if late and plan.get("run_type") != "scheduled":
+            # Airflow's deadline alert counts from the run's logical date: right for the
+            # scheduled run, not for a run by hand, so this run checks the send time itself.
+            from presend import alerts
+
+            alerts.send(
+                f"campaign {c.name}: batch {b.name} was acknowledged by the ESP at "
+                f"{acknowledged:%H:%M:%S} UTC, less than {margin} before its send time "
+                f"{b.send_at.astimezone(UTC):%H:%M} UTC (a run by hand)"
+            )
+        per_batch[b.name] = result | {
+            "status": "pushed",
+            "late": late,
+            "data_age_seconds": age,
+            "push_seconds": round(time.monotonic() - started, 3),
+            "acknowledged_at": acknowledged.isoformat(),
+        }
+    statuses = {r["status"] for r in per_batch.values()}
+    return {
+        "status": "pushed" if "pushed" in statuses else "missed",
+        **{k: sum(r.get(k, 0) for r in per_batch.values()) for k in COUNTS},
+        "per_batch": per_batch,
     }
 
 
@@ -133,10 +176,19 @@ def record_batch_run(plan: dict | None) -> dict:
     ti = ctx["ti"]
     quality = ti.xcom_pull(task_ids="gate_merge_fields")
     push = ti.xcom_pull(task_ids="push_batch")
-    status = (push or {}).get("status") or ("blocked" if quality is None else "failed")
+    if ti.xcom_pull(task_ids="plan_streams") is not None:
+        # The run refreshed the data: it was a whole pre-send sync, reported like one.
+        _record_sync_run(ti, ctx["run_id"])
+    statuses = []
     with warehouse.connect() as con:
         con.execute(SCHEMA_SQL)
         for b in plan["batches"]:
+            pushed = ((push or {}).get("per_batch") or {}).get(b["name"]) or {}
+            if plan.get("missed"):
+                status = "missed"
+            else:
+                status = pushed.get("status") or ("blocked" if quality is None else "failed")
+            statuses.append(status)
             con.execute(
                 "insert or replace into campaign_runs values "
                 "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, now(), ?)",
@@ -146,27 +198,30 @@ def record_batch_run(plan: dict | None) -> dict:
                     ctx["run_id"],
                     b["send_at"],
                     status,
-                    (push or {}).get("data_age_seconds"),
-                    "passed" if quality is not None else "failed",
-                    *(
-                        (push or {}).get(k)
-                        for k in (
-                            "pushed",
-                            "skipped",
-                            "quarantined",
-                            "rejected",
-                            "push_seconds",
-                            "acknowledged_at",
-                        )
-                    ),
-                    json.dumps({"quality": quality, "push": push}),
+                    pushed.get("data_age_seconds"),
+                    None if status == "missed" else "passed" if quality else "failed",
+                    *(pushed.get(k) for k in (*COUNTS, "push_seconds", "acknowledged_at")),
+                    json.dumps({"quality": quality, "push": pushed}),
                 ],
             )
-    print(f"campaign {plan['campaign']}: batches {[b['name'] for b in plan['batches']]} {status}")
+    outcome = dict(zip((b["name"] for b in plan["batches"]), statuses, strict=True))
+    print(f"campaign {plan['campaign']}: {outcome}")
     # A missed batch (send time passed) is logged, not failed: nothing can be pushed any more,
     # and the deadline alert has already said so.
-    if status in ("failed", "blocked"):
+    if {"failed", "blocked"} & set(statuses):
         from airflow.sdk.exceptions import AirflowFailException
 
-        raise AirflowFailException(f"campaign {plan['campaign']}: batch sync {status}")
-    return {"status": status}
+        raise AirflowFailException(f"campaign {plan['campaign']}: batch syncs {outcome}")
+    return {"status": outcome}
+
+
+def _record_sync_run(ti, run_id: str) -> None:
+    from presend import pipeline, report
+
+    stages = pipeline.stage_reports(ti, push_task="push_batch")
+    push = stages["push"]
+    # The sync's push stage: the batches' summed counts, when any batch was pushed.
+    stages["push"] = (
+        {k: push[k] for k in COUNTS} if push and push.get("status") == "pushed" else None
+    )
+    print(report.summary(report.record(run_id, stages)))

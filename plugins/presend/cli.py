@@ -66,12 +66,10 @@ def prepare_airflow(env: dict[str, str]) -> None:
     marker.write_text(airflow.__version__)
 
 
-def run_sync(env: dict[str, str], log_file: Path | None = None) -> int:
-    """One pre-send sync through Airflow (`airflow dags test`); returns its exit code.
-
-    With `log_file`, Airflow's output goes there instead of the terminal.
-    """
-    cmd = [str(Path(sys.executable).with_name("airflow")), "dags", "test", DAG_ID]
+def dags_test(env: dict[str, str], args: list[str], log_file: Path | None = None) -> int:
+    """`airflow dags test <args>`; returns its exit code. With `log_file`, Airflow's output
+    goes there instead of the terminal."""
+    cmd = [str(Path(sys.executable).with_name("airflow")), "dags", "test", *args]
     if log_file is None:
         return subprocess.run(cmd, env=env, check=False).returncode
     log_file.parent.mkdir(parents=True, exist_ok=True)
@@ -81,8 +79,14 @@ def run_sync(env: dict[str, str], log_file: Path | None = None) -> int:
         ).returncode
 
 
+def run_sync(env: dict[str, str], log_file: Path | None = None) -> int:
+    """One pre-send sync through Airflow (`airflow dags test`); returns its exit code."""
+    return dags_test(env, [DAG_ID], log_file)
+
+
 def demo(args: argparse.Namespace) -> int:
-    from presend import report
+    """A sample campaign's two batches through Airflow against the sandbox (presend.demo)."""
+    from presend import demo as sample
     from presend.sandbox.server import Sandbox
 
     env = airflow_env()
@@ -90,22 +94,7 @@ def demo(args: argparse.Namespace) -> int:
     esp_state = settings.data_dir() / "sandbox" / "esp.json"
     with Sandbox(contacts=args.contacts, seed=args.seed, esp_state=esp_state) as sandbox:
         print(f"presend: sandbox CRM {sandbox.crm_url}, ESP {sandbox.esp_url}", flush=True)
-        log_file = None if args.verbose else settings.data_dir() / "logs" / "demo-sync.log"
-        print(
-            f"presend: running {DAG_ID} through Airflow (airflow dags test)"
-            + (f", log in {log_file}" if log_file else ""),
-            flush=True,
-        )
-        code = run_sync(env | sandbox.connection_env(), log_file)
-    run = report.latest() if settings.warehouse_path().exists() else None
-    print()
-    print(report.summary(run) if run else "presend: no sync run was recorded")
-    if code or not run or run["status"] != "success":
-        if log_file:
-            print(f"\npresend: the sync FAILED; the end of {log_file}:")
-            print("\n".join(log_file.read_text().splitlines()[-40:]))
-        return code or 1
-    return 0
+        return sample.run(env, sandbox.connection_env(), args.verbose)
 
 
 def airflow_ui(args: argparse.Namespace) -> int:
@@ -171,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="presend")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, func, help_ in (
-        ("demo", demo, "run the whole pre-send sync once against the sandbox"),
+        ("demo", demo, "a sample campaign's two batches synced against the sandbox"),
         ("airflow", airflow_ui, "Airflow standalone on localhost:8080 with the sandbox"),
         ("sandbox", sandbox_serve, "serve the sandbox CRM and ESP in the foreground"),
     ):

@@ -88,24 +88,29 @@ def push_merge_fields() -> dict:
     return push_stage.push(adapter).to_dict()
 
 
-def record_sync_run() -> dict:
-    """What every stage reported, as one row in sync_runs (runs even when a stage failed)."""
-    from airflow.sdk import get_current_context
-
-    ti = get_current_context()["ti"]
+def stage_reports(ti, push_task: str) -> dict[str, dict | None]:
+    """What each stage of this run reported (XComs); None for a stage that failed or did not
+    run (for extract and load: any of their streams)."""
     per_stream = {
         stage: {name: ti.xcom_pull(task_ids=f"{stage}_{name}") for name in sources.STREAMS}
         for stage in ("extract", "load")
     }
-    stages = {
-        # A stage with a stream that reported nothing failed (or did not run).
+    return {
         stage: None if None in streams.values() else streams
         for stage, streams in per_stream.items()
     } | {
         "transform": ti.xcom_pull(task_ids="build_models"),
         "quality": ti.xcom_pull(task_ids="gate_merge_fields"),
-        "push": ti.xcom_pull(task_ids="push_merge_fields"),
+        "push": ti.xcom_pull(task_ids=push_task),
     }
+
+
+def record_sync_run() -> dict:
+    """What every stage reported, as one row in sync_runs (runs even when a stage failed)."""
+    from airflow.sdk import get_current_context
+
+    ti = get_current_context()["ti"]
+    stages = stage_reports(ti, push_task="push_merge_fields")
     run = report.record(_run_id(), stages)
     print(report.summary(run))
     if run["failed_stage"]:

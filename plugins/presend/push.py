@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import json
 import logging
+from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
 import duckdb
@@ -57,6 +59,7 @@ create table if not exists push_jobs (
 """
 
 ENVELOPE_BYTES = 64  # an upper bound of the request body around the records
+MAX_JOBS_IN_FLIGHT = 3  # import jobs submitted and not yet collected, per push
 MAX_TRANSIENT_ATTEMPTS = 5  # then a transiently rejected record waits for new values
 CLEARED = "cleared"  # fields_hash of a clear: the contact left esp_merge_fields
 OLD_EMAIL = "#old-email"  # suffix of the entry that clears a contact under its old email
@@ -138,6 +141,7 @@ class Plan:
             ledger_hash,
             ledger_fields,
             ledger_email,
+            ledger_email_taken,
             values_json,
             *vals,
         ) in self._rows():
@@ -146,7 +150,7 @@ class Plan:
             email = vals[email_at] if email_at is not None else ""
             if ledger_hash is None or held is None or ledger_email != email:
                 # New to this ESP, or under a new email (a new ESP contact): every field.
-                if held and ledger_email:
+                if held and ledger_email and not ledger_email_taken:
                     # The contact under its old email must not keep stale fields: clear it
                     # (its own entry; the ledger follows the new email).
                     old = {f: None for f in held if f != "EMAIL"}
@@ -246,13 +250,21 @@ def plan(
     )
     clears: list[Pending] = []
 
+    # An address that another contact of esp_merge_fields holds now is never cleared (a
+    # duplicate CRM record took it over): that contact's values go there.
+    taken_by_other = (
+        'select 1 from esp_merge_fields o where o."EMAIL" = l.email '
+        "and o.contact_id <> l.contact_id"
+        if "EMAIL" in merge_fields
+        else "select 1 where false"
+    )
     # Classify in SQL: only the contacts to send come to Python, merge fields as text.
     quoted = [f'"{f}"' for f in merge_fields]
     as_text = ", ".join(f"coalesce(m.{q}::varchar, '') as {q}" for q in quoted)
     classified = f"""
         select m.contact_id, m.fields_hash, {as_text},
             l.fields_hash as ledger_hash, l.fields::varchar as ledger_fields,
-            l.email as ledger_email,
+            l.email as ledger_email, exists ({taken_by_other}) as ledger_email_taken,
             case
                 when q.contact_id is not null then 'quarantined'
                 when l.fields_hash is not distinct from m.fields_hash then 'unchanged'
@@ -277,7 +289,7 @@ def plan(
     as_json = ", ".join(f"'{f}', \"{f}\"" for f in merge_fields)
     rows_sql = (
         f"select contact_id, fields_hash, ledger_hash, ledger_fields, ledger_email, "
-        f"json_object({as_json})::varchar, {', '.join(quoted)} "
+        f"ledger_email_taken, json_object({as_json})::varchar, {', '.join(quoted)} "
         f"from ({classified}) where kind in ('new', 'changed') order by contact_id"
     )
     for cid, email, fields_json in con.execute(
@@ -287,6 +299,9 @@ def plan(
             -- ledger rows from before emails were kept cannot be addressed in the ESP
             and l.email is not null
             and not exists (select 1 from esp_merge_fields m where m.contact_id = l.contact_id)
+            -- the address now belongs to another contact (a duplicate CRM record took it):
+            -- that contact's values go there, a clear would wipe them
+            and not exists ({taken_by_other})
             and not exists (
                 select 1 from {rejects} r where r.esp = $esp and r.contact_id = l.contact_id
                     and r.fields_hash = '{CLEARED}' and r.permanent
@@ -359,11 +374,22 @@ def _collect_and_save(
 ) -> BatchOutcome:
     batch = [(e["contact_id"], e["record"]) for e in entries]
     outcome = adapter.collect(job_id, batch)
-    con.execute("begin")
-    _save_outcome(con, adapter.name, {e["contact_id"]: e for e in entries}, outcome)
-    con.execute("delete from push_jobs where esp = ? and job_id = ?", [adapter.name, job_id])
-    con.execute("commit")
+    _save_collected(con, adapter.name, job_id, entries, outcome)
     return outcome
+
+
+def _save_collected(
+    con: duckdb.DuckDBPyConnection,
+    esp: str,
+    job_id: str,
+    entries: list[dict],
+    outcome: BatchOutcome,
+) -> None:
+    """Move the ledger for one collected job and forget the job, in one transaction."""
+    con.execute("begin")
+    _save_outcome(con, esp, {e["contact_id"]: e for e in entries}, outcome)
+    con.execute("delete from push_jobs where esp = ? and job_id = ?", [esp, job_id])
+    con.execute("commit")
 
 
 def _recover(con: duckdb.DuckDBPyConnection, adapter: EspAdapter, result: PushResult) -> None:
@@ -424,25 +450,46 @@ def push(adapter: EspAdapter, audience: tuple[str, dict] | None = None) -> PushR
 
         prefix, suffix = adapter.envelope
         limits = (adapter.max_batch_contacts, adapter.max_batch_bytes)
-        for chunk in _fill(encoded(), *limits, len(prefix) + len(suffix)):
-            batch_entries = [entry for entry, _ in chunk]
-            body = prefix + b",".join(raw for _, raw in chunk) + suffix
-            job_id = adapter.submit([(e["contact_id"], e["record"]) for e in batch_entries], body)
-            # Known before polling: a crash from here on is recovered without resending.
-            con.execute(
-                "insert into push_jobs values (?, ?, ?, now()::timestamp)",
-                [adapter.name, job_id, json.dumps(batch_entries)],
-            )
-            outcome = _collect_and_save(con, adapter, job_id, batch_entries)
-            result.batches += 1
-            result.pushed += len(outcome.acknowledged)
-            result.rejected += len(outcome.rejected)
-            log.info(
-                "batch %d: %d acknowledged, %d rejected",
-                result.batches,
-                len(outcome.acknowledged),
-                len(outcome.rejected),
-            )
+        # Import jobs are collected (polled) in a thread while the next batches are diffed
+        # and submitted: the push keeps to the vendor's rate limit instead of waiting out
+        # each job. Ledger writes stay in this thread, in the order the jobs were submitted.
+        in_flight: deque[tuple[Future, str, list[dict]]] = deque()
+
+        def settle(block: bool) -> None:
+            while in_flight and (block or in_flight[0][0].done()):
+                future, job_id, entries = in_flight.popleft()
+                outcome = future.result()
+                _save_collected(con, adapter.name, job_id, entries, outcome)
+                result.batches += 1
+                result.pushed += len(outcome.acknowledged)
+                result.rejected += len(outcome.rejected)
+                log.info(
+                    "batch %d: %d acknowledged, %d rejected",
+                    result.batches,
+                    len(outcome.acknowledged),
+                    len(outcome.rejected),
+                )
+
+        with ThreadPoolExecutor(MAX_JOBS_IN_FLIGHT, thread_name_prefix="collect") as pool:
+            try:
+                for chunk in _fill(encoded(), *limits, len(prefix) + len(suffix)):
+                    batch_entries = [entry for entry, _ in chunk]
+                    body = prefix + b",".join(raw for _, raw in chunk) + suffix
+                    batch = [(e["contact_id"], e["record"]) for e in batch_entries]
+                    job_id = adapter.submit(batch, body)
+                    # Known before polling: a crash from here on is recovered without resending.
+                    con.execute(
+                        "insert into push_jobs values (?, ?, ?, now()::timestamp)",
+                        [adapter.name, job_id, json.dumps(batch_entries)],
+                    )
+                    in_flight.append(
+                        (pool.submit(adapter.collect, job_id, batch), job_id, batch_entries)
+                    )
+                    settle(block=len(in_flight) >= MAX_JOBS_IN_FLIGHT)
+                settle(block=True)
+            finally:
+                for future, _, _ in in_flight:
+                    future.cancel()  # a failed push leaves them in push_jobs for the next run
         if unsent:
             # The hash moved but the ESP already holds these values: no request needed.
             con.execute("begin")

@@ -213,16 +213,33 @@ def results_of(con: duckdb.DuckDBPyConnection, run_id: str) -> list[dict]:
     return [dict(zip(keys, r, strict=True)) for r in rows]
 
 
+# Column of the campaign batch report -> its heading on the quality page.
+BATCH_COLUMNS = {
+    "campaign": "campaign",
+    "batch": "batch",
+    "send_at": "send at (UTC)",
+    "status": "status",
+    "data_age_seconds": "data age (s)",
+    "quality_status": "quality",
+    "pushed": "pushed",
+    "skipped": "skipped",
+    "quarantined": "quarantined",
+    "rejected": "rejected",
+    "push_seconds": "push (s)",
+}
+
+
 def batches_of(con: duckdb.DuckDBPyConnection, run_id: str) -> list[dict]:
     """Campaign batches a campaign DAG run pushed after this gate run (`campaign_runs`)."""
     if not _has_table(con, "campaign_runs"):
         return []
     rows = con.execute(
-        "select campaign, batch, status, pushed, skipped, quarantined, rejected "
-        "from campaign_runs where run_id = ? order by campaign, batch",
+        "select campaign, batch, strftime(send_at, '%Y-%m-%d %H:%M'), status, "
+        "round(data_age_seconds), quality_status, pushed, skipped, quarantined, rejected, "
+        "round(push_seconds, 1) from campaign_runs where run_id = ? order by campaign, send_at",
         [run_id],
     ).fetchall()
-    keys = ["campaign", "batch", "status", "pushed", "skipped", "quarantined", "rejected"]
+    keys = list(BATCH_COLUMNS)
     return [dict(zip(keys, r, strict=True)) for r in rows]
 
 

@@ -82,3 +82,27 @@ def summary(run: dict) -> str:
         f"(unchanged), {p.get('rejected', 0)} rejected by the ESP",
     ]
     return "\n".join(lines)
+
+
+def campaign_summary(campaign: str, rows: list[dict]) -> str:
+    """The run report of a campaign's batches (rows of `campaign_runs`), one line a batch."""
+    if not rows:
+        return f"campaign {campaign}: no batch run was recorded"
+
+    def num(value, fmt: str = "{}") -> str:
+        return "-" if value is None else fmt.format(value)
+
+    lines = [
+        f"campaign {campaign}: {len(rows)} batch runs",
+        f"  {'batch':<16}{'send at':<18}{'status':<9}{'data age':>9}  {'quality':<8}"
+        f"{'pushed':>7}{'skipped':>8}{'quarant.':>9}{'rejected':>9}{'push s':>8}",
+    ]
+    for r in rows:
+        lines.append(
+            f"  {r['batch']:<16}{r['send_at']:%Y-%m-%d %H:%M}  {r['status']:<9}"
+            f"{num(r.get('data_age_seconds'), '{:.0f} s'):>9}  {r.get('quality_status') or '-':<8}"
+            f"{num(r.get('pushed')):>7}{num(r.get('skipped')):>8}"
+            f"{num(r.get('quarantined')):>9}{num(r.get('rejected')):>9}"
+            f"{num(r.get('push_seconds'), '{:.1f}'):>8}"
+        )
+    return "\n".join(lines)

@@ -54,6 +54,25 @@ def connect(read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
         con.close()
 
 
+@contextmanager
+def read_with_scratch() -> Iterator[duckdb.DuckDBPyConnection]:
+    """The warehouse attached read-only to an in-memory database the caller may write to.
+
+    Same reads as `connect(read_only=True)` (the warehouse is the default catalog), plus a
+    writable `memory` catalog for scratch objects a read-only file refuses, such as types.
+    """
+    path = settings.warehouse_path()
+    if not path.exists():
+        raise FileNotFoundError(f"warehouse {path} does not exist yet: run the pipeline first")
+    con = duckdb.connect()
+    try:
+        con.execute(f"attach '{str(path).replace(chr(39), chr(39) * 2)}' as warehouse (read_only)")
+        con.execute("use warehouse")
+        yield con
+    finally:
+        con.close()
+
+
 def exists() -> bool:
     """Whether the warehouse file has been created yet."""
     return settings.warehouse_path().exists()

@@ -85,54 +85,84 @@ def text(value) -> str:
 
 
 class RateLimiter:
-    """Waits before a request when the vendor's rate-limit headers say the bucket is empty.
+    """Paces requests per route from the vendor's rate-limit headers, so the push keeps to the
+    limit without meeting a 429.
 
-    Buckets are per route (vendors limit per endpoint). `observe` reads the headers of every
-    response; `wait` sleeps until the bucket resets. A 429 with Retry-After is retried by the
-    HTTP client itself; this keeps us from hitting it in the first place.
+    Vendors count requests in fixed windows per endpoint and say, on each response, how many
+    requests the window has left and when it resets. The limiter spreads what is left evenly
+    over the rest of the window, and after the last one waits for the reset. Klaviyo gives the
+    reset as whole seconds from when it counted the request, so the reset is reckoned from
+    when the request was sent, not from when its answer came back: counting from the answer
+    would add the request's latency to every window (a 1-request/s limit would then get one
+    request every 1 + latency seconds). The estimate can still be early by the time a
+    request takes to reach the vendor (or by a second, should a vendor round the reset down):
+    `margin` covers that, and doubles, up to the headers' one-second resolution, whenever a
+    request meets a 429 anyway. The HTTP client retries the 429 itself after its Retry-After.
+    Spacing at the advertised (per-minute, for Klaviyo) rate also keeps a client within a
+    per-second burst limit the headers do not advertise.
     """
 
-    def __init__(self, parse) -> None:
+    def __init__(self, parse, margin: float = 0.02) -> None:
         self._parse = parse
-        self._resets: dict[str, float] = {}  # route -> monotonic time the bucket refills
+        self._next: dict[str, float] = {}  # route -> monotonic time the next request may go
+        self._margin: dict[str, float] = {}  # route -> learned safety margin at a reset
+        self.base_margin = margin
         self._lock = threading.Lock()
-        self.waited = 0.0
+        self.waited = 0.0  # seconds spent pacing, for reports and tests
+        self.throttled = 0  # 429s met despite pacing (each one widens the margin)
 
-    def observe(self, route: str, headers) -> None:
-        parsed = self._parse(headers)
-        if parsed is None:
-            return
-        remaining, reset_in = parsed
+    def margin(self, route: str) -> float:
+        return self._margin.get(route, self.base_margin)
+
+    def observe(self, route: str, headers, sent_at: float, throttled: bool = False) -> None:
+        """Note one response of `route` to a request sent at `sent_at` (monotonic)."""
         with self._lock:
+            if throttled:
+                self.throttled += 1
+                self._margin[route] = min(2 * self.margin(route), MAX_MARGIN)
+            parsed = self._parse(headers, sent_at)
+            if parsed is None:
+                self._next.pop(route, None)
+                return
+            remaining, reset_at = parsed
             if remaining <= 0:
-                self._resets[route] = time.monotonic() + max(reset_in, 0.0)
+                self._next[route] = reset_at + self.margin(route)
             else:
-                self._resets.pop(route, None)
+                # Even spacing: `remaining` requests fit before the reset.
+                self._next[route] = sent_at + max(reset_at - sent_at, 0.0) / (remaining + 1)
 
     def wait(self, route: str) -> None:
+        """Sleep until the route's next request may go."""
         with self._lock:
-            until = self._resets.pop(route, None)
+            until = self._next.get(route)
         if until is not None:
             delay = until - time.monotonic()
             if delay > 0:
-                self.waited += delay
+                with self._lock:
+                    self.waited += delay
                 time.sleep(delay)
 
 
-def sendgrid_limits(headers) -> tuple[int, float] | None:
-    """SendGrid: X-RateLimit-Remaining and X-RateLimit-Reset (epoch seconds)."""
+# The rate-limit headers count whole seconds: no margin beyond that is needed.
+MAX_MARGIN = 1.0
+
+
+def sendgrid_limits(headers, sent_at: float) -> tuple[int, float] | None:
+    """SendGrid: X-RateLimit-Remaining and X-RateLimit-Reset (an epoch second): (remaining,
+    monotonic time of the reset)."""
     remaining, reset = headers.get("X-RateLimit-Remaining"), headers.get("X-RateLimit-Reset")
     if remaining is None or reset is None:
         return None
-    return int(remaining), float(reset) - time.time()
+    return int(remaining), time.monotonic() + float(reset) - time.time()
 
 
-def klaviyo_limits(headers) -> tuple[int, float] | None:
-    """Klaviyo: RateLimit-Remaining and RateLimit-Reset (seconds until the window resets)."""
+def klaviyo_limits(headers, sent_at: float) -> tuple[int, float] | None:
+    """Klaviyo: RateLimit-Remaining and RateLimit-Reset (whole seconds until the window resets,
+    counted when the vendor took the request): (remaining, monotonic time of the reset)."""
     remaining, reset = headers.get("RateLimit-Remaining"), headers.get("RateLimit-Reset")
     if remaining is None or reset is None:
         return None
-    return int(remaining), float(reset)
+    return int(remaining), sent_at + float(reset)
 
 
 def make_adapter(vendor: str, base_url: str, secret: str, **kwargs) -> EspAdapter:
@@ -169,9 +199,15 @@ class VendorClient:
         self.limiter = RateLimiter(parse_limits)
 
     def call(self, method: str, path: str, route: str, **kwargs):
-        """One request; waits first when the route's bucket is empty, then notes its headers."""
+        """One request; waits first as the route's rate limit asks, then notes its headers."""
         self.limiter.wait(route)
         url = path if path.startswith("http") else self.base_url + path
+        sent_at = time.monotonic()
         resp = self.http.request(method, url, **kwargs)
-        self.limiter.observe(route, resp.headers)
+        retried = getattr(getattr(resp.raw, "retries", None), "history", ())
+        if retried:
+            # The answer is to a retry sent later than `sent_at`: reckon from the answer.
+            sent_at = time.monotonic()
+        throttled = any(h.status == 429 for h in retried)
+        self.limiter.observe(route, resp.headers, sent_at, throttled)
         return resp

@@ -11,6 +11,7 @@ ESP holds and configures limits and faults.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import re
@@ -76,6 +77,7 @@ class EspState:
     windows: dict[str, tuple[float, int]] = field(default_factory=dict)
     fail_next: int = 0  # the next n vendor API requests answer 503
     throttle_next: int = 0  # the next n vendor API requests answer 429, Retry-After: 1
+    write_latency: float = 0.0  # seconds a write request takes after the ESP counted it
     transient_rejects: dict[str, int] = field(default_factory=dict)  # email -> times left
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -316,6 +318,9 @@ def create_app(api_key: str = "sandbox-esp-key", state_file: Path | None = None)
             )
             resp.headers.update(headers)
             return resp
+        if state.write_latency and route in (SENDGRID_UPSERT, KLAVIYO_IMPORT):
+            # A large body takes a while to accept; the rate limit counted it on arrival.
+            await asyncio.sleep(state.write_latency)
         resp = await call_next(request)
         resp.headers.update(headers)
         return resp
@@ -497,7 +502,8 @@ def create_app(api_key: str = "sandbox-esp-key", state_file: Path | None = None)
         """Configure rate limits and faults.
 
         `{"rate_limits": {"PUT /v3/marketing/contacts": [limit, window_seconds]},
-        "fail_next": n, "throttle_next": n, "transient_rejects": {"email": times}}`.
+        "fail_next": n, "throttle_next": n, "transient_rejects": {"email": times},
+        "write_latency": seconds}`.
         """
         body = await request.json()
         with state.lock:
@@ -510,6 +516,8 @@ def create_app(api_key: str = "sandbox-esp-key", state_file: Path | None = None)
                 state.fail_next = int(body["fail_next"])
             if "throttle_next" in body:
                 state.throttle_next = int(body["throttle_next"])
+            if "write_latency" in body:
+                state.write_latency = float(body["write_latency"])
             if "transient_rejects" in body:
                 state.transient_rejects = {
                     e.strip().lower(): int(n) for e, n in body["transient_rejects"].items()

@@ -199,24 +199,16 @@ def _page(
     ]
     if batches:
         body.append(
-            '<h2>Campaign batches</h2><table id="batches"><tr><th>campaign</th><th>batch</th>'
-            "<th>status</th><th>pushed</th><th>skipped</th><th>quarantined</th>"
-            "<th>rejected</th></tr>"
+            '<h2>Campaign batches</h2><table id="batches"><tr>'
+            + "".join(f"<th>{e(h)}</th>" for h in quality_history.BATCH_COLUMNS.values())
+            + "</tr>"
         )
         for b in batches:
             body.append(
                 "<tr>"
                 + "".join(
                     f"<td>{e(str(b[k] if b[k] is not None else ''))}</td>"
-                    for k in (
-                        "campaign",
-                        "batch",
-                        "status",
-                        "pushed",
-                        "skipped",
-                        "quarantined",
-                        "rejected",
-                    )
+                    for k in quality_history.BATCH_COLUMNS
                 )
                 + "</tr>"
             )
