@@ -69,4 +69,8 @@ def migrated_airflow_home(tmp_path_factory) -> Path:
     with open(root / "migrated_airflow_home.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         cli.prepare_airflow(cli.airflow_env(home))  # at once when another worker did it
+        # Airflow wrote this home's absolute path into airflow.cfg (metadata DB, logs): made
+        # relative to $AIRFLOW_HOME, every test's copy uses its own DB, not this one.
+        cfg = home / "airflow.cfg"
+        cfg.write_text(cfg.read_text().replace(str(home), "${AIRFLOW_HOME}"))
     return home

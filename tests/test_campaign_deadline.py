@@ -197,7 +197,7 @@ def test_a_late_batch_alerts_and_a_backfilled_past_batch_is_recorded_as_missed_s
             capture_output=True,
             text=True,
         )
-        assert backfill.returncode == 0, backfill.stdout[-2000:] + backfill.stderr[-2000:]
+        assert backfill.returncode == 0, backfill.stderr[-3000:] + backfill.stdout[-1000:]
         deadline = time.monotonic() + 300
         while (state := _run_state(env, "presend_campaign_past")) not in ("success", "failed"):
             assert proc.poll() is None, (tmp_path / "standalone.log").read_text()[-3000:]

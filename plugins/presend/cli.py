@@ -22,7 +22,7 @@ def airflow_env(airflow_home: Path | None = None) -> dict[str, str]:
     )
     plugins = str(settings.PROJECT_DIR / "plugins")
     pythonpath = os.pathsep.join(p for p in (plugins, os.environ.get("PYTHONPATH")) if p)
-    return os.environ | {
+    env = os.environ | {
         "AIRFLOW_HOME": str(home),
         "AIRFLOW__CORE__DAGS_FOLDER": str(settings.PROJECT_DIR / "dags"),
         "AIRFLOW__CORE__PLUGINS_FOLDER": plugins,
@@ -33,6 +33,10 @@ def airflow_env(airflow_home: Path | None = None) -> dict[str, str]:
         "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
         "PRESEND_DATA_DIR": str(settings.data_dir()),
     }
+    if env.get("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN", "sqlite").startswith("sqlite"):
+        for key in ("SQL_ALCHEMY_CONNECT_ARGS", "SQL_ALCHEMY_CONNECT_ARGS_ASYNC"):
+            env.setdefault(f"AIRFLOW__DATABASE__{key}", "presend.settings.SQLITE_CONNECT_ARGS")
+    return env
 
 
 def _airflow(

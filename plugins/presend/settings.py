@@ -12,6 +12,11 @@ EXPECTATIONS_DIR = PROJECT_DIR / "expectations"
 CONFIG_FILE = Path(os.environ.get("PRESEND_CONFIG", PROJECT_DIR / "config" / "presend.yml"))
 
 WAREHOUSE_POOL = "warehouse"
+# Airflow's SQLite metadata (the embedded default) is shared by the scheduler, dag-processor,
+# api-server, triggerer and CLI commands; sqlite3's default 5 s busy wait is too short when
+# the machine is loaded ("database is locked"). Read by Airflow through
+# [database] sql_alchemy_connect_args (an import path).
+SQLITE_CONNECT_ARGS = {"timeout": 60}
 CRM_CONN_ID = "presend_crm"
 ESP_CONN_ID = "presend_esp"
 
