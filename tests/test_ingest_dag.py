@@ -63,7 +63,8 @@ def _asset_events(home: Path) -> list[dict]:
     """`presend_raw` asset events in the metadata DB the home's airflow.cfg names."""
     cfg = configparser.ConfigParser(interpolation=None)
     cfg.read(home / "airflow.cfg")
-    db_path = cfg["database"]["sql_alchemy_conn"].removeprefix("sqlite:///")
+    conn = cfg["database"]["sql_alchemy_conn"].replace("${AIRFLOW_HOME}", str(home))
+    db_path = conn.removeprefix("sqlite:///")
     with sqlite3.connect(db_path) as db:
         rows = db.execute(
             "select e.extra from asset_event e join asset a on a.id = e.asset_id "
