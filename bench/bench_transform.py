@@ -185,7 +185,7 @@ def timed_build(label: str, *args: str, as_of: str = AS_OF) -> float:
     from presend import transform
 
     start = time.perf_counter()
-    transform.build(*args, extra_vars={"as_of": as_of})
+    transform.build(*args, *transform.SYNC_BUILD_ARGS, extra_vars={"as_of": as_of})
     elapsed = time.perf_counter() - start
     results_file = transform.target_dir() / "run_results.json"
     # Kept per build, for per-node timings.

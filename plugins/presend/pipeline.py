@@ -50,8 +50,8 @@ def publish_raw(loaded: list[dict]) -> dict:
 
 
 def build_models() -> dict:
-    """dbt build: staging to esp_merge_fields, with its tests."""
-    return transform.build().to_dict()
+    """dbt build: staging to esp_merge_fields, with its data tests."""
+    return transform.build(*transform.SYNC_BUILD_ARGS).to_dict()
 
 
 def gate_merge_fields() -> dict:

@@ -30,6 +30,12 @@ class TransformResult:
         return asdict(self)
 
 
+# What the pipeline builds: every model, snapshot and data test, but not dbt's unit tests,
+# which check the models' SQL on fixed inputs, not the data (dbt advises leaving them out of
+# production runs; `make test` runs them).
+SYNC_BUILD_ARGS = ("--exclude-resource-type", "unit_test")
+
+
 def target_dir() -> Path:
     return settings.data_dir() / "dbt" / "target"
 
@@ -97,7 +103,9 @@ def build(*args: str, extra_vars: dict | None = None) -> TransformResult:
         raise DbtBuildError(f"dbt build exited with code {proc.returncode}:\n{tail}")
     result = TransformResult()
     for r in json.loads(results_file.read_text())["results"]:
-        kind, name = r["unique_id"].split(".")[0], r["unique_id"].split(".")[-1]
+        parts = r["unique_id"].split(".")
+        # A data test's id ends in a hash: test.<project>.<test name>.<hash>
+        kind, name = parts[0], parts[2] if parts[0] == "test" else parts[-1]
         if r["status"] in ("success", "pass"):
             if kind == "model":
                 result.models_built += 1
