@@ -13,6 +13,7 @@ UPDATE, by a copy at least as new as the stored one.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -50,6 +51,9 @@ BATCH_BYTES = int(os.environ.get("PRESEND_LOAD_BATCH_BYTES", 256 * 1024 * 1024))
 # DuckDB would take 80% of RAM by default; past this limit it spills to disk instead, so a big
 # first load stays well inside a worker's memory.
 MEMORY_LIMIT = os.environ.get("PRESEND_LOAD_MEMORY_LIMIT", "1GB")
+# The one-pass reading of clean batches (`fast_landed_sql`); off, every batch takes the
+# reference path (`landed_sql`). For tests and for comparing the two.
+FAST_PATH = os.environ.get("PRESEND_LOAD_FAST_PATH", "1") != "0"
 
 
 @dataclass
@@ -93,96 +97,170 @@ def _json_path(path: list[str]) -> str:
     return "$." + ".".join(f'"{p}"' for p in path)
 
 
+def _sql_str(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
 def _payload_source(column: Column) -> str:
     """The `landed` column that holds a payload column's value (the record itself is `rec`)."""
     return "rec" if column.sql.strip() == "rec" else column.name
 
 
-def landed_sql(stream: Stream, lookup: bool) -> str:
-    """One row per landed record, with the reason it cannot be loaded (null when it can).
-
-    With `lookup`, each record also says whether its id is in the raw table already (`present`)
-    and whether this load call wrote it there (`seen`): one join with the raw table per batch,
-    after which new ids are a plain insert and only present ones need an update.
-    """
-    payload = "".join(
-        f"{c.sql} as {c.name},\n        " for c in stream.columns if _payload_source(c) != "rec"
-    )
+def _checked_sql(stream: Stream, parsed: str) -> str:
+    """`parsed` (a query with landing_file, rec, rec_type, id_type, id, the cursor, the
+    `field_<name>` JSON values and the payload columns) with the reason each record cannot be
+    loaded (null when it can)."""
     checks = "\n        ".join(f"when {cond} then '{reason}'" for cond, reason in stream.checks)
     key, cursor = stream.primary_key, stream.cursor
-    paths = [_json_path([key]), _json_path(stream.cursor_path)]
+    field_names = "".join(f", field_{name}" for name in stream.fields)
+    return f"""
+select
+    * exclude (rec_type, id_type{field_names}),
+    case
+        when rec_type is distinct from 'OBJECT' then 'record is not a JSON object'
+        when nullif(trim(id), '') is null then 'missing primary key {key}'
+        when id_type not in ('VARCHAR', 'UBIGINT', 'BIGINT')
+            then 'primary key {key} is not a string or an integer'
+        {checks}
+        when {cursor} is null then '{cursor} missing or not a timestamp'
+    end as reject_reason
+from ({parsed}
+)"""
+
+
+def _cursor_sql(text: str) -> str:
+    """The cursor column (a UTC timestamp) from the cursor's text."""
+    return f"timezone('UTC', try_cast({text} as timestamptz))"
+
+
+def _payload_sql(stream: Stream) -> str:
+    return "".join(
+        f",\n        {c.sql} as {c.name}" for c in stream.columns if _payload_source(c) != "rec"
+    )
+
+
+def landed_sql(stream: Stream) -> str:
+    """One row per landed record, with the reason it cannot be loaded (null when it can).
+
+    The reference path, for any record however malformed: every record of a page is written out
+    as JSON text, and that text is parsed once more for every field the load reads.
+    A field that is JSON null reads as SQL null, as a missing one does (as in `fast_landed_sql`).
+    """
+    cursor = stream.cursor
+    paths = [_json_path([stream.primary_key]), _json_path(stream.cursor_path)]
     paths += [_json_path([name]) for name in stream.fields]
     paths_sql = ", ".join(f"'{p}'" for p in paths)
     fields = "".join(
-        f"f[{n}] as field_{name},\n        " for n, name in enumerate(stream.fields, 3)
+        f",\n        case when json_type(f[{n}]) <> 'NULL' then f[{n}] end as field_{name}"
+        for n, name in enumerate(stream.fields, 3)
     )
-    field_names = "".join(f", field_{name}" for name in stream.fields)
-    checked = f"""
-    select
-        * exclude (rec_type, id_type{field_names}),
-        case
-            when rec_type is distinct from 'OBJECT' then 'record is not a JSON object'
-            when nullif(trim(id), '') is null then 'missing primary key {key}'
-            when id_type not in ('VARCHAR', 'UBIGINT', 'BIGINT')
-                then 'primary key {key} is not a string or an integer'
-            {checks}
-            when {cursor} is null then '{cursor} missing or not a timestamp'
-        end as reject_reason
-    from parsed"""
-    if lookup:
-        final = f"""
-select c.*, t.id is not null as present, coalesce(t._loaded_at = $loaded_at, false) as seen
-from ({checked}
-) as c
-left join raw.{stream.name} as t on c.id = t.id and c.reject_reason is null"""
-    else:
-        final = f"select *, false as present, false as seen from ({checked}\n)"
-    return f"""
-create or replace temp table landed as
-with pages as (
-    -- read_text + json_extract: far faster than read_json into JSON[] (no re-serialising)
-    select filename as landing_file, unnest(json_extract(content, '$."{stream.records_key}"[*]'))
-        as rec
-    from read_text($files)
-),
-extracted as (
-    -- One parse per record for every field the load reads (each `->` would parse again).
-    select landing_file, rec, json_type(rec) as rec_type, json_extract(rec, [{paths_sql}]) as f
-    from pages
-),
-parsed as (
+    parsed = f"""
     select
         landing_file,
         rec,
         rec_type,
         json_type(f[1]) as id_type,
         f[1] ->> '$' as id,
-        timezone('UTC', try_cast(f[2] ->> '$' as timestamptz)) as {cursor},
-        {fields}{payload}
-    from extracted
-)
-{final}
+        {_cursor_sql("f[2] ->> '$'")} as {cursor}{fields}{_payload_sql(stream)}
+    from (
+        -- One parse per record for every field the load reads (each `->` would parse again).
+        select landing_file, rec, json_type(rec) as rec_type,
+            json_extract(rec, [{paths_sql}]) as f
+        from (
+            select filename as landing_file,
+                unnest(json_extract(content, '$."{stream.records_key}"[*]')) as rec
+            from read_text($files)
+        )
+    )"""
+    return f"create or replace temp table landed as{_checked_sql(stream, parsed)}\n"
+
+
+def _record_shape(stream: Stream) -> dict | None:
+    """The `json_transform` structure of a record for the fast path: the primary key (JSON),
+    the cursor (text) and the checked fields (JSON); None when two of them overlap."""
+    shape: dict = {}
+
+    def put(path: list[str], type_: str) -> bool:
+        node = shape
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                return False
+        if path[-1] in node:
+            return False
+        node[path[-1]] = type_
+        return True
+
+    ok = put([stream.primary_key], "JSON") and put(stream.cursor_path, "VARCHAR")
+    ok = ok and all(put([name], "JSON") for name in stream.fields)
+    return shape if ok else None
+
+
+def fast_landed_sql(stream: Stream) -> str | None:
+    """`landed_sql` in one pass over each page, for batches whose records are all loadable.
+
+    Each page is parsed twice, by `json_extract` for the records' JSON text (the payload, the
+    same text as `landed_sql`'s) and by `json_transform` for the fields the load reads, and the
+    two lists are unnested side by side; no record is parsed again on its own. A JSON null
+    field and a missing one both come out as SQL null. Records it rejects get a reason, but the
+    load then builds the batch again with `landed_sql`, whose reasons are the reference.
+    None when the stream's fields overlap its cursor's path (the load uses `landed_sql`).
+    """
+    shape = _record_shape(stream)
+    if shape is None:
+        return None
+    key, cursor = stream.records_key, stream.cursor
+
+    def get(path: list[str]) -> str:
+        return "f" + "".join(f"[{_sql_str(p)}]" for p in path)
+
+    structure = _sql_str(json.dumps({key: [shape]}))
+    fields = "".join(f",\n        {get([name])} as field_{name}" for name in stream.fields)
+    parsed = f"""
+    select
+        landing_file,
+        rec,
+        -- json_extract writes records minified: an object's text starts with its brace.
+        case when starts_with(rec::varchar, '{{') then 'OBJECT' end as rec_type,
+        json_type({get([stream.primary_key])}) as id_type,
+        {get([stream.primary_key])} ->> '$' as id,
+        {_cursor_sql(get(stream.cursor_path))} as {cursor}{fields}{_payload_sql(stream)}
+    from (
+        select filename as landing_file,
+            unnest(json_extract(content, '$."{key}"[*]')) as rec,
+            unnest(json_transform(content, {structure})[{_sql_str(key)}]) as f
+        from read_text($files)
+    )"""
+    return f"create or replace temp table landed as{_checked_sql(stream, parsed)}\n"
+
+
+LOOKUP_SQL = """
+create or replace temp table present as
+select id, _loaded_at = $loaded_at as seen
+from raw.{table}
+where id in (select id from landed where reject_reason is null)
 """
 
 
-def _rows(stream: Stream, present: bool, dedupe: bool) -> str:
+def _rows(stream: Stream, present: bool, dedupe: bool, lookup: bool) -> str:
     """The loadable landed rows of new (or present) ids; with `dedupe`, the newest copy of each."""
     order = f"{stream.cursor} desc, landing_file desc"
     newest = f"qualify row_number() over (partition by id order by {order}) = 1" if dedupe else ""
+    join = (f"{'semi' if present else 'anti'} join present using (id)") if lookup else ""
     return f"""
-    select * from landed
-    where reject_reason is null and {"" if present else "not "}present
+    select landed.* from landed {join}
+    where reject_reason is null
     {newest}"""
 
 
-def insert_sql(stream: Stream, dedupe: bool) -> str:
+def insert_sql(stream: Stream, dedupe: bool, lookup: bool = False) -> str:
     """Ids not in the raw table yet: appended, no join with the raw table."""
     names = ["id", stream.cursor, *(_payload_source(c) for c in stream.columns)]
     values = ", ".join(names)
     return f"""
 insert into raw.{stream.name}
 select {values}, landing_file, $loaded_at::timestamp
-from ({_rows(stream, False, dedupe)}
+from ({_rows(stream, False, dedupe, lookup)}
 )
 """
 
@@ -199,7 +277,7 @@ update raw.{stream.name} as t set
     {sets},
     _landing_file = s.landing_file,
     _loaded_at = $loaded_at::timestamp
-from ({_rows(stream, True, dedupe)}
+from ({_rows(stream, True, dedupe, True)}
 ) as s
 where t.id = s.id and s.{cursor} >= t.{cursor}
 """
@@ -240,6 +318,23 @@ def _batches(files: list[str]) -> list[list[str]]:
     return out
 
 
+def _build_landed(con: duckdb.DuckDBPyConnection, stream: Stream, files: list[str]) -> str:
+    """The batch's `landed` table; returns which path built it ("fast" or "text").
+
+    The fast path first; a batch in which it finds any record it cannot load is built again by
+    the reference path, so the rejects' reasons are the reference ones and nothing is lost.
+    """
+    fast = fast_landed_sql(stream) if FAST_PATH else None
+    if fast is not None:
+        con.execute(fast, {"files": files})
+        if not con.execute(
+            "select exists (from landed where reject_reason is not null)"
+        ).fetchone()[0]:
+            return "fast"
+    con.execute(landed_sql(stream), {"files": files})
+    return "text"
+
+
 def _load_batch(
     con: duckdb.DuckDBPyConnection, stream: Stream, files: list[str], loaded_at: datetime
 ) -> tuple[int, int, int]:
@@ -249,26 +344,37 @@ def _load_batch(
     """
     con.execute("begin")
     try:
-        # An empty table needs no lookup: every id is new (the common big first load).
-        lookup = con.execute(f"select exists (from raw.{stream.name})").fetchone()[0]
-        params: dict = {"files": files} | ({"loaded_at": loaded_at} if lookup else {})
-        con.execute(landed_sql(stream, lookup), params)
-        records, rejected, valid, ids, new_ids, present, first_seen = con.execute(
-            "select count(*), count(reject_reason), count(*) filter (where reject_reason is null), "
-            "count(distinct id) filter (where reject_reason is null), "
-            "count(distinct id) filter (where reject_reason is null and not present), "
-            "count(*) filter (where reject_reason is null and present), "
-            "count(distinct id) filter (where reject_reason is null and not seen) from landed"
+        _build_landed(con, stream, files)
+        records, rejected, ids = con.execute(
+            "select count(*), count(reject_reason), "
+            "count(distinct id) filter (where reject_reason is null) from landed"
         ).fetchone()
-        con.execute(
-            "insert into raw.rejects select ?, landing_file, rec, reject_reason, "
-            "now()::timestamp from landed where reject_reason is not null",
-            [stream.name],
-        )
+        valid = records - rejected
+        # An empty table needs no lookup: every id is new (the common big first load). Else the
+        # stored copies of the batch's ids: a join built on the batch, so the raw table's scan
+        # skips the row groups outside the batch's range of ids.
+        lookup = ids > 0 and con.execute(f"select exists (from raw.{stream.name})").fetchone()[0]
+        present_ids = seen_ids = present = 0
+        if lookup:
+            con.execute(LOOKUP_SQL.format(table=stream.name), {"loaded_at": loaded_at})
+            present_ids, seen_ids = con.execute(
+                "select count(*), count(*) filter (where seen) from present"
+            ).fetchone()
+            if present_ids:
+                present = con.execute(
+                    "select count(*) from landed semi join present using (id) "
+                    "where reject_reason is null"
+                ).fetchone()[0]
+        if rejected:
+            con.execute(
+                "insert into raw.rejects select ?, landing_file, rec, reject_reason, "
+                "now()::timestamp from landed where reject_reason is not null",
+                [stream.name],
+            )
         # The window that keeps the newest copy costs a sort: skip it when every id is unique.
         dedupe = ids < valid
-        if new_ids:
-            con.execute(insert_sql(stream, dedupe), {"loaded_at": loaded_at})
+        if ids > present_ids:
+            con.execute(insert_sql(stream, dedupe, present_ids > 0), {"loaded_at": loaded_at})
         if present:
             con.execute(update_sql(stream, dedupe), {"loaded_at": loaded_at})
         _commit_cursor(con, stream)
@@ -288,7 +394,8 @@ def _load_batch(
     except BaseException:
         con.execute("rollback")
         raise
-    return records, first_seen, rejected
+    # Ids an earlier batch of this call wrote are not counted again.
+    return records, ids - seen_ids, rejected
 
 
 def _commit_cursor(con: duckdb.DuckDBPyConnection, stream: Stream) -> None:
