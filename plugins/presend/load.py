@@ -345,15 +345,24 @@ def _load_batch(
     con.execute("begin")
     try:
         _build_landed(con, stream, files)
-        records, rejected, ids = con.execute(
+        records, rejected, ids, low, high = con.execute(
             "select count(*), count(reject_reason), "
-            "count(distinct id) filter (where reject_reason is null) from landed"
+            "count(distinct id) filter (where reject_reason is null), "
+            "min(id) filter (where reject_reason is null), "
+            "max(id) filter (where reject_reason is null) from landed"
         ).fetchone()
         valid = records - rejected
-        # An empty table needs no lookup: every id is new (the common big first load). Else the
-        # stored copies of the batch's ids: a join built on the batch, so the raw table's scan
-        # skips the row groups outside the batch's range of ids.
-        lookup = ids > 0 and con.execute(f"select exists (from raw.{stream.name})").fetchone()[0]
+        # Which of the batch's ids the raw table holds already. None when it holds no id in the
+        # batch's range (an empty table: the big first load; or a stream whose ids grow, such as
+        # events): the zone maps answer that without reading the table. Else a join built on
+        # the batch, whose scan of the raw table also skips the row groups outside that range.
+        lookup = (
+            ids > 0
+            and con.execute(
+                f"select exists (from raw.{stream.name} where id between $low and $high)",
+                {"low": low, "high": high},
+            ).fetchone()[0]
+        )
         present_ids = seen_ids = present = 0
         if lookup:
             con.execute(LOOKUP_SQL.format(table=stream.name), {"loaded_at": loaded_at})
