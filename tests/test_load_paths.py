@@ -89,14 +89,14 @@ def build(sql: str, files: list[str]) -> list[tuple]:
     with duckdb.connect() as con:
         con.execute("set TimeZone = 'UTC'")
         load.ensure_schema(con)
-        con.execute(sql, {"files": files})
+        con.execute(*load._pages(sql, files, 2))
         return con.execute("select * from landed order by all").fetchall()
 
 
 def columns(sql: str, files: list[str]) -> list[str]:
     with duckdb.connect() as con:
         con.execute("set TimeZone = 'UTC'")
-        con.execute(sql, {"files": files})
+        con.execute(*load._pages(sql, files, 2))
         return [r[0] for r in con.execute("describe landed").fetchall()]
 
 

@@ -169,10 +169,22 @@ def landed_sql(stream: Stream) -> str:
         from (
             select filename as landing_file,
                 unnest(json_extract(content, '$."{stream.records_key}"[*]')) as rec
-            from read_text($files)
+            from {PAGES}
         )
     )"""
     return f"create or replace temp table landed as{_checked_sql(stream, parsed)}\n"
+
+
+# The landed pages, in parts a thread each: DuckDB reads the files of one `read_text` call on a
+# single thread, and everything downstream of that scan (parsing the pages) with it.
+PAGES = "{PAGES}"
+
+
+def _pages(sql: str, files: list[str], parts: int) -> tuple[str, dict]:
+    """`sql` reading `files` in `parts` interleaved parts (similar sizes), and its parameters."""
+    parts = max(1, min(parts, len(files)))
+    union = " union all ".join(f"select * from read_text($files_{i})" for i in range(parts))
+    return sql.replace(PAGES, f"({union})"), {f"files_{i}": files[i::parts] for i in range(parts)}
 
 
 def _record_shape(stream: Stream) -> dict | None:
@@ -229,7 +241,7 @@ def fast_landed_sql(stream: Stream) -> str | None:
         select filename as landing_file,
             unnest(json_extract(content, '$."{key}"[*]')) as rec,
             unnest(json_transform(content, {structure})[{_sql_str(key)}]) as f
-        from read_text($files)
+        from {PAGES}
     )"""
     return f"create or replace temp table landed as{_checked_sql(stream, parsed)}\n"
 
@@ -324,14 +336,15 @@ def _build_landed(con: duckdb.DuckDBPyConnection, stream: Stream, files: list[st
     The fast path first; a batch in which it finds any record it cannot load is built again by
     the reference path, so the rejects' reasons are the reference ones and nothing is lost.
     """
+    threads = int(con.execute("select current_setting('threads')").fetchone()[0])
     fast = fast_landed_sql(stream) if FAST_PATH else None
     if fast is not None:
-        con.execute(fast, {"files": files})
+        con.execute(*_pages(fast, files, threads))
         if not con.execute(
             "select exists (from landed where reject_reason is not null)"
         ).fetchone()[0]:
             return "fast"
-    con.execute(landed_sql(stream), {"files": files})
+    con.execute(*_pages(landed_sql(stream), files, threads))
     return "text"
 
 
