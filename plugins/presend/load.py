@@ -1,14 +1,21 @@
 """Bulk load of landed pages into the warehouse's raw tables, for any declared stream.
 
-DuckDB reads the landed pages at once (`read_json`), the records are merged on the primary key,
-and the stream's cursor moves in the same transaction as the rows, so a crash keeps both or
-neither. Records that cannot be loaded go to `raw.rejects` with the reason and the landing file
-they came from. Fields a vendor adds later stay in the JSON payload. A page already loaded
-(`raw.load_log`) is skipped, so reloading is a no-op.
+DuckDB reads the landed pages at once (`read_text` and its JSON functions, one part of the
+files per thread), the records are merged on the primary key, and the stream's cursor moves in
+the same transaction as the rows, so a crash keeps both or neither. Records that cannot be
+loaded go to `raw.rejects` with the reason and the landing file they came from. Fields a vendor
+adds later stay in the JSON payload. A page already loaded (`raw.load_log`) is skipped, so
+reloading is a no-op.
 
-The merge is split for speed: one join per batch finds which ids the raw table holds already;
-new ids are appended (no join, the common case of a big first load) and only those ids get an
-UPDATE, by a copy at least as new as the stored one.
+A batch is read by the fast path (`fast_landed_sql`: each page parsed for the records' JSON
+text and, once more, for the fields the load reads); a batch in which it finds any record it
+cannot load is read again by the reference text path (`landed_sql`: every record's text parsed
+on its own), which gives the rejects their reasons. Both give the same rows.
+
+The merge is split for speed: one join per batch finds which ids the raw table holds already
+(none when the table holds no id in the batch's range); new ids are appended (no join, the
+common case of a big first load) and only those ids get an UPDATE, by a copy at least as new as
+the stored one.
 """
 
 from __future__ import annotations
