@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from presend import cli
 
 AIRFLOW = str(Path(sys.executable).with_name("airflow"))
@@ -61,3 +63,28 @@ def test_an_airflow_command_waits_for_a_metadata_db_locked_by_another_process(
         check=True,
     ).stdout
     assert "probe" in pools and "3" in pools
+
+
+@pytest.mark.parametrize(
+    ("cfg", "env", "sqlite"),
+    [
+        ("", {}, True),  # Airflow's default: SQLite in the home
+        ("sqlite:///${AIRFLOW_HOME}/airflow.db", {}, True),
+        ("postgresql+psycopg2://postgres@127.0.0.1/airflow", {}, False),
+        ("", {"AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": "postgresql://x@127.0.0.1/a"}, False),
+        ("", {"AIRFLOW__DATABASE__SQL_ALCHEMY_CONN_CMD": "cat /run/secrets/db"}, False),
+    ],
+)
+def test_only_a_sqlite_metadata_db_gets_the_sqlite_connect_arguments(
+    tmp_path, monkeypatch, cfg, env, sqlite
+):
+    """A home pointed at PostgreSQL (airflow.cfg or environment) must not get sqlite3's
+    `timeout` argument: psycopg2 rejects it ("invalid connection option")."""
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    home = tmp_path / "airflow_home"
+    home.mkdir()
+    if cfg:
+        (home / "airflow.cfg").write_text(f"[database]\nsql_alchemy_conn = {cfg}\n")
+    args = cli.airflow_env(home).get("AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS")
+    assert (args == "presend.settings.SQLITE_CONNECT_ARGS") is sqlite

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import configparser
 import os
 import signal
 import subprocess
@@ -33,10 +34,25 @@ def airflow_env(airflow_home: Path | None = None) -> dict[str, str]:
         "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
         "PRESEND_DATA_DIR": str(settings.data_dir()),
     }
-    if env.get("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN", "sqlite").startswith("sqlite"):
+    if _metadata_is_sqlite(env, home):
         for key in ("SQL_ALCHEMY_CONNECT_ARGS", "SQL_ALCHEMY_CONNECT_ARGS_ASYNC"):
             env.setdefault(f"AIRFLOW__DATABASE__{key}", "presend.settings.SQLITE_CONNECT_ARGS")
     return env
+
+
+def _metadata_is_sqlite(env: dict[str, str], home: Path) -> bool:
+    """Whether Airflow's metadata DB is SQLite (the default): not when the environment or the
+    home's airflow.cfg names another database (e.g. PostgreSQL, where the SQLite connect
+    arguments would be rejected)."""
+    prefix = "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"
+    if env.get(f"{prefix}_CMD") or env.get(f"{prefix}_SECRET"):
+        return False
+    conn = env.get(prefix)
+    if conn is None and (home / "airflow.cfg").exists():
+        cfg = configparser.ConfigParser(interpolation=None)
+        cfg.read(home / "airflow.cfg")
+        conn = cfg.get("database", "sql_alchemy_conn", fallback=None)
+    return conn is None or conn.startswith("sqlite")
 
 
 def _airflow(
