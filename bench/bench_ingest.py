@@ -114,7 +114,10 @@ def dlt_pull(work: Path, shop_url: str, events_url: str) -> dict:
     Tuned as dlt's performance guide advises, so the comparison is fair: the resources extract
     in parallel (presend extracts its streams in parallel too), intermediate files rotate so
     normalize runs a worker per core, and nested data stays JSON (`max_table_nesting` 0) as in
-    presend's raw tables instead of being unnested into child tables.
+    presend's raw tables instead of being unnested into child tables. Normalize writes jsonl load
+    files, which DuckDB copies in bulk: the destination's default, rows of INSERT statements,
+    measured 3.5x slower end to end at 1% scale and, at 10%, 7 GB of RSS (`BENCH_DLT_FORMAT=
+    insert_values` to see it).
     """
     os.environ["RUNTIME__DLTHUB_TELEMETRY"] = "false"
     os.environ.setdefault("NORMALIZE__WORKERS", str(os.cpu_count() or 1))
@@ -181,7 +184,8 @@ def dlt_pull(work: Path, shop_url: str, events_url: str) -> dict:
         dataset_name="raw",
     )
     start = time.perf_counter()
-    pipeline.run([shop, events])
+    loader_file_format = os.environ.get("BENCH_DLT_FORMAT", "jsonl")
+    pipeline.run([shop, events], loader_file_format=loader_file_format)
     seconds = time.perf_counter() - start
     steps = {
         s.step: (s.finished_at - s.started_at).total_seconds()
@@ -193,6 +197,7 @@ def dlt_pull(work: Path, shop_url: str, events_url: str) -> dict:
         "rows": sum(counts.get(n, 0) for n in COMPARED),
         "seconds": seconds,
         "steps": steps,
+        "format": loader_file_format,
         "rss": _peak_rss(),
     }
 
@@ -325,6 +330,7 @@ def report(results: dict, dlt: dict | None) -> None:
     print(f"presend peak RSS (largest process): {peak / GB:.2f} GB")
     if dlt:
         _line(f"dlt rest_api {'+'.join(COMPARED)}", dlt["rows"], dlt["seconds"])
+        print(f"  dlt load files: {dlt['format']}")
         print("  dlt steps: " + ", ".join(f"{k} {v:.1f} s" for k, v in dlt["steps"].items()))
         print(f"dlt peak RSS: {dlt['rss'] / GB:.2f} GB")
         ratio = (compared_rows / compared_seconds) / (dlt["rows"] / dlt["seconds"])

@@ -3,6 +3,7 @@ an analytics export with a cursor). Every call goes over HTTP to the sandbox on 
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime
 from decimal import Decimal
 
@@ -268,6 +269,17 @@ def test_events_name_crm_contacts_and_catalogue_products(sb):
             assert e["product_id"] is None
         else:
             assert e["product_id"] in product_ids
+
+
+def test_the_events_export_serves_each_record_exactly_as_the_table_holds_it():
+    """The export writes base events' JSON text directly (it serves millions); the text must be
+    what json.dumps of the record gives, for base and newly added events alike."""
+    state = events.EventsState(seed=5, size=3000, contacts=50, products=7, token="t")
+    state.advance(0.1)
+    keys = state.table.page_keys(None, None, 10_000)
+    assert len(keys) == 3300
+    for k in keys:
+        assert state.record_json(k) == json.dumps(state.table.record(k), separators=(",", ":"))
 
 
 def test_events_advance_adds_new_events_after_the_old_clock(fresh):

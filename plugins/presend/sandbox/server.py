@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing
+import multiprocessing.connection
 import os
 import signal
 import socket
@@ -33,45 +35,92 @@ def _listen(port: int) -> socket.socket:
     return sock
 
 
-async def _serve(args: argparse.Namespace) -> None:
-    apps = {
-        "crm": crm.create_app(seed=args.seed, size=args.contacts, token=CRM_TOKEN),
-        "esp": esp.create_app(api_key=ESP_API_KEY, state_file=args.esp_state),
-        "shop": shop.create_app(
+APPS = ("crm", "esp", "shop", "events")
+
+
+def _create_app(name: str, args: argparse.Namespace):
+    if name == "crm":
+        return crm.create_app(seed=args.seed, size=args.contacts, token=CRM_TOKEN)
+    if name == "esp":
+        return esp.create_app(api_key=ESP_API_KEY, state_file=args.esp_state)
+    if name == "shop":
+        return shop.create_app(
             seed=args.seed,
             products=args.products,
             orders=args.orders,
             contacts=args.contacts,
             token=SHOP_TOKEN,
-        ),
-        "events": events.create_app(
-            seed=args.seed,
-            events=args.events,
-            contacts=args.contacts,
-            products=args.products,
-            token=EVENTS_TOKEN,
-        ),
-    }
+        )
+    return events.create_app(
+        seed=args.seed,
+        events=args.events,
+        contacts=args.contacts,
+        products=args.products,
+        token=EVENTS_TOKEN,
+    )
+
+
+def _run_app(name: str, args: argparse.Namespace, sock: socket.socket, started) -> None:
+    """In a child process: one vendor's API on its listening socket, as its own server (a
+    vendor's API does not share a CPU with another's). Dies with the sandbox's main process."""
+    _die_with_parent()
+    config = uvicorn.Config(
+        _create_app(name, args), log_level="warning", access_log=False, lifespan="off"
+    )
+    server = uvicorn.Server(config)
+
+    async def serve() -> None:
+        task = asyncio.create_task(server.serve(sockets=[sock]))
+        while not server.started and not task.done():
+            await asyncio.sleep(0.02)
+        started.set()
+        await task
+
+    asyncio.run(serve())
+
+
+def _serve(args: argparse.Namespace) -> int:
+    """Start every app in a process of its own, write the ready file once all accept
+    connections, and stop them all when one dies or this process is told to stop."""
+    ctx = multiprocessing.get_context("fork")
     ports = {
         "crm": args.crm_port,
         "esp": args.esp_port,
         "shop": args.shop_port,
         "events": args.events_port,
     }
-    servers, tasks, urls = [], [], {}
-    for name, app in apps.items():
-        sock = _listen(ports[name])
-        urls[f"{name}_url"] = f"http://127.0.0.1:{sock.getsockname()[1]}"
-        config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off")
-        server = uvicorn.Server(config)
-        servers.append(server)
-        tasks.append(asyncio.create_task(server.serve(sockets=[sock])))
-    while not all(s.started for s in servers):
-        await asyncio.sleep(0.02)
-    tmp = args.ready_file.with_suffix(".tmp")
-    tmp.write_text(json.dumps(urls))
-    tmp.replace(args.ready_file)
-    await asyncio.gather(*tasks)
+    socks = {name: _listen(ports[name]) for name in APPS}
+    children = []
+    for name in APPS:
+        started = ctx.Event()
+        proc = ctx.Process(
+            target=_run_app, args=(name, args, socks[name], started), name=f"sandbox-{name}"
+        )
+        proc.start()
+        children.append((proc, started))
+
+    def stop(signum, frame):
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        while not all(started.is_set() for _, started in children):
+            if any(not proc.is_alive() for proc, _ in children):
+                return 1
+            time.sleep(0.02)
+        urls = {f"{n}_url": f"http://127.0.0.1:{socks[n].getsockname()[1]}" for n in APPS}
+        tmp = args.ready_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(urls))
+        tmp.replace(args.ready_file)
+        multiprocessing.connection.wait([proc.sentinel for proc, _ in children])
+        return 1  # an app's server died
+    finally:
+        for proc, _ in children:
+            proc.terminate()
+        for proc, _ in children:
+            proc.join(5)
+            if proc.is_alive():
+                proc.kill()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -97,7 +146,7 @@ def main(argv: list[str] | None = None) -> None:
         default=None,
         help="file the sandbox ESP keeps its contacts in between runs",
     )
-    asyncio.run(_serve(parser.parse_args(argv)))
+    sys.exit(_serve(parser.parse_args(argv)))
 
 
 def _die_with_parent() -> None:

@@ -86,11 +86,12 @@ class Table:
         ticks = -(-(since_ms - EPOCH_MS) // self.step_ms)  # ceil
         return max(1, ticks * self.per_tick)
 
-    def page(
+    def page_keys(
         self, since_ms: int | None, after: tuple[int, int] | None, limit: int
-    ) -> list[tuple[tuple[int, int], dict]]:
-        """Up to `limit` (key, record) with cursor >= since_ms and key > after, in key order."""
-        out: list[tuple[tuple[int, int], dict]] = []
+    ) -> list[tuple[int, int]]:
+        """Up to `limit` keys (cursor ms, index) with cursor >= since_ms and key > after, in
+        key order; `record(key)` gives each one's record."""
+        out: list[tuple[int, int]] = []
         with self.lock:
             base_end = self.base_ms(self.size) if self.size else EPOCH_MS - 1
             if after is None or after[0] <= base_end:
@@ -99,7 +100,7 @@ class Table:
                     i = max(i, after[1] + 1)
                 while i <= self.size and len(out) < limit:
                     if i not in self.changed:
-                        out.append(((self.base_ms(i), i), self.make(i)))
+                        out.append((self.base_ms(i), i))
                     i += 1
             if len(out) < limit:
                 lo = (since_ms or 0, 0)
@@ -107,9 +108,22 @@ class Table:
                     start = bisect.bisect_right(self.changed_keys, after)
                 else:
                     start = bisect.bisect_left(self.changed_keys, lo)
-                for key in self.changed_keys[start : start + limit - len(out)]:
-                    out.append((key, self.changed[key[1]][1]))
+                out.extend(self.changed_keys[start : start + limit - len(out)])
         return out
+
+    def is_changed(self, i: int) -> bool:
+        return i in self.changed
+
+    def record(self, key: tuple[int, int]) -> dict:
+        changed = self.changed.get(key[1])
+        return changed[1] if changed is not None else self.make(key[1])
+
+    def page(
+        self, since_ms: int | None, after: tuple[int, int] | None, limit: int
+    ) -> list[tuple[tuple[int, int], dict]]:
+        """Up to `limit` (key, record) with cursor >= since_ms and key > after, in key order."""
+        with self.lock:
+            return [(key, self.record(key)) for key in self.page_keys(since_ms, after, limit)]
 
     def all_records(self) -> list[dict]:
         """Every current record (for tests and small tables)."""
