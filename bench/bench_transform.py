@@ -79,7 +79,7 @@ select
     timestamp '2026-11-01' as updated_at,
     json_object(
         'id', i,
-        'email', 'c' || (hash(i) % {contacts}) || '@example.com',
+        'email', 'c' || {contact} || '@example.com',
         'created_at', strftime(
             timestamp '{as_of}' - to_seconds(hash(i, 1) % (400 * 86400)) - interval 1 minute,
             '%Y-%m-%dT%H:%M:%SZ'),
@@ -108,7 +108,7 @@ select
     json_object(
         'id', 'e' || i,
         'type', ['product_viewed', 'added_to_cart', 'email_opened'][i % 3 + 1],
-        'email', 'c' || (hash(i) % {contacts}) || '@example.com',
+        'email', 'c' || {contact} || '@example.com',
         'product_id', case when i % 3 <> 2 then {popular_2} end
     ) as record,
     'bench' as _landing_file,
@@ -124,9 +124,15 @@ from range({start}, {stop}) as t(i)
 POPULAR = "cast(floor({products} * pow((hash(i, {seed}) % 1000003) / 1000003.0, 4)) as bigint)"
 
 
+# Whose orders and events: any contact (the first load), or only the changed 1% (later loads).
+ANY_CONTACT = "(hash(i) % {contacts})"
+CHANGED_CONTACT = "(hash(i) % ({contacts} // 100) * 100)"
+
+
 def _fmt(contacts: int, **more: str) -> dict:
     return {
         "contacts": contacts,
+        "contact": ANY_CONTACT.format(contacts=contacts),
         "products": PRODUCTS,
         "as_of": AS_OF,
         "popular_2": POPULAR.format(products=PRODUCTS, seed=2),
@@ -148,11 +154,14 @@ def generate(contacts: int, events: int) -> None:
         con.execute(sql)
 
 
-def change_one_percent(contacts: int, events: int) -> None:
-    """What a later load merges: 1% of contacts changed, 1% more orders and events, and the
+def change_one_percent(contacts: int, events: int, spread: bool = False) -> None:
+    """What a later load merges: 1% of contacts changed — their CRM record, and 1% more orders
+    and events, all theirs (`spread`: the new orders and events of any contact) — and the
     stock of 1% of the products changed (two of them, in the long tail, sold out)."""
     orders = 2 * contacts
     fmt = _fmt(contacts, loaded=SECOND_LOAD)
+    if not spread:
+        fmt["contact"] = CHANGED_CONTACT.format(contacts=contacts)
     with duckdb.connect(str(settings.warehouse_path())) as con:
         con.execute(
             "update raw.crm_contacts set properties = json_merge_patch(properties, "
@@ -221,6 +230,12 @@ def main() -> None:
     parser.add_argument("--contacts", type=int, default=10_000)
     parser.add_argument("--events", type=int, default=100_000)
     parser.add_argument("--data-dir", type=Path, help="default: a temporary folder")
+    parser.add_argument(
+        "--spread",
+        action="store_true",
+        help="the new orders and events go to any contact (about 12%% of contacts change), "
+        "not only to the changed 1%%",
+    )
     args = parser.parse_args()
     data_dir = args.data_dir or Path(tempfile.mkdtemp(prefix="presend-bench-"))
     os.environ["PRESEND_DATA_DIR"] = str(data_dir)
@@ -236,7 +251,7 @@ def main() -> None:
     )
     first, _ = timed_build("first", "--full-refresh", as_of=FIRST_AS_OF)
     print(f"first full build            {first:8.1f}s")
-    change_one_percent(args.contacts, args.events)
+    change_one_percent(args.contacts, args.events, spread=args.spread)
     incremental, incremental_dbt = timed_build("incremental")
     incremental_fields = merge_fields_checksum()
     print(f"incremental after 1% change {incremental:8.1f}s  (dbt's own {incremental_dbt:.1f}s)")

@@ -17,6 +17,9 @@ def test_dbt_parse_succeeds_and_the_output_contract_is_enforced(data_dir):
     models = {n["name"]: n for n in manifest["nodes"].values() if n["resource_type"] == "model"}
     contract = models["esp_merge_fields"]["config"]["contract"]
     assert contract["enforced"] is True
+    # Every merge field is never null by the contract's constraint (no not_null data tests).
+    for name, column in models["esp_merge_fields"]["columns"].items():
+        assert {"type": "not_null"}.items() <= column["constraints"][0].items(), name
     for name, node in models.items():
         assert node["description"], f"model {name} has no description"
         assert all(c.get("description") for c in node["columns"].values()), name
@@ -71,6 +74,15 @@ def test_merge_fields_are_exact_for_hand_made_contacts(data_dir):
         ("3", "linus@example.com", defaults["FIRST_NAME"], defaults["LOYALTY_TIER"]),
     ]
     assert hashes == (3,)
+    # The warehouse enforces the contract: a null merge field cannot be written.
+    with (
+        duckdb.connect(str(settings.warehouse_path())) as con,
+        pytest.raises(duckdb.ConstraintException, match="FIRST_NAME"),
+    ):
+        con.execute(
+            'insert into esp_merge_fields by name select * replace (null as "FIRST_NAME") '
+            "from esp_merge_fields limit 1"
+        )
 
 
 def test_a_missing_merge_field_default_is_a_clear_error(data_dir, tmp_path, monkeypatch):

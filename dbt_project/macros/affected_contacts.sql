@@ -28,9 +28,13 @@
         identifier='int_affected_contacts__' ~ suffix)) }}
 {%- endmacro %}
 
-{#- A model of this project as it is now in the warehouse (not a ref: read before it runs). -#}
+{#-
+  A relation of the transform's own schema as it is now in the warehouse, or none while it
+  does not exist (not a ref: models read it before it runs; tests, which have no `this`, too).
+-#}
 {% macro existing_relation(name) -%}
-    {{ return(adapter.get_relation(database=this.database, schema=this.schema, identifier=name)) }}
+    {{ return(adapter.get_relation(
+        database=target.database, schema=target.schema, identifier=name)) }}
 {%- endmacro %}
 
 {#- Hash of the vars that change merge fields without any data changing. -#}

@@ -34,16 +34,10 @@
     {{ return(filtered) }}
 {%- endmacro %}
 
-{#- A relation of the transform's own schema, or none while it does not exist. -#}
-{% macro transform_relation(identifier) -%}
-    {{ return(adapter.get_relation(
-        database=target.database, schema=target.schema, identifier=identifier)) }}
-{%- endmacro %}
-
 {#- The previous transform's newest `_loaded_at` (a timestamp literal); before any. -#}
 {% macro last_transform_watermark() -%}
     {%- set earliest = "cast('1900-01-01' as " ~ dbt.type_timestamp() ~ ")" -%}
-    {%- set state = transform_relation('int_affected_contacts__state') -%}
+    {%- set state = existing_relation('int_affected_contacts__state') -%}
     {%- if not execute or flags.FULL_REFRESH or state is none -%}
         {{ return(earliest) }}
     {%- endif -%}
@@ -56,7 +50,7 @@
 
 {#- A condition: contact_id is one this run recomputes; every row when unknown. -#}
 {% macro affected_contacts_in_run() -%}
-    {%- set affected = transform_relation('int_affected_contacts') -%}
+    {%- set affected = existing_relation('int_affected_contacts') -%}
     {%- if not execute or flags.FULL_REFRESH or affected is none -%}
         {{ return('true') }}
     {%- endif -%}

@@ -1,5 +1,5 @@
 """Run the sandbox APIs (CRM, shop, events, ESP) on loopback, in a child process that a caller
-always stops."""
+always stops; each API is served by a process of its own under it."""
 
 from __future__ import annotations
 
