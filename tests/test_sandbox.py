@@ -234,6 +234,20 @@ def test_crm_contacts_changed_while_paging_shift_the_offsets_as_hubspot_does(san
     assert now - served_once, "paging by offset while records change skips some"
 
 
+def test_a_sandbox_api_that_cannot_start_fails_the_whole_sandbox_at_once(tmp_path):
+    """Each API runs in a process of its own: one that dies while starting (here the ESP, on a
+    corrupt state file) stops the others and the start fails, instead of a half sandbox."""
+    import subprocess
+
+    state = tmp_path / "esp.json"
+    state.write_text("not json")
+    sb = Sandbox(contacts=10, esp_state=state)
+    with pytest.raises(RuntimeError, match="sandbox exited with code 1"):
+        sb.start(timeout=30)
+    left = subprocess.run(["pgrep", "-f", f"--esp-state {state}"], capture_output=True)
+    assert left.stdout == b"", "an API process outlived the failed sandbox"
+
+
 def test_the_sandbox_stops_when_the_process_that_started_it_is_killed(tmp_path):
     import os
     import signal

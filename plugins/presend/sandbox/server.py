@@ -73,7 +73,8 @@ def _run_app(name: str, args: argparse.Namespace, sock: socket.socket, started) 
         task = asyncio.create_task(server.serve(sockets=[sock]))
         while not server.started and not task.done():
             await asyncio.sleep(0.02)
-        started.set()
+        if server.started:  # else the server failed: this process ends, and the sandbox with it
+            started.set()
         await task
 
     asyncio.run(serve())
