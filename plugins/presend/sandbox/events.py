@@ -39,39 +39,40 @@ class EventsState:
         self.lock = threading.Lock()
         self.table = Table(size, self._make, per_tick=3)
 
-    def _make(self, i: int, occurred_ms: int | None = None) -> dict:
+    def _fields(self, i: int) -> tuple[str, int, int | None, str]:
+        """Event i's type, contact number, product id and source: a pure function of the seed."""
         h = mix(self.seed, i)
-        ms = occurred_ms if occurred_ms is not None else self.table.base_ms(i)
         kind = TYPES[h % len(TYPES)]
         contact = (h >> 8) % max(1, self.contacts) + 1
         product = None
         if kind != "email_opened" and self.products:
             product = ID_BASE + (h >> 40) % self.products + 1
+        return kind, contact, product, "web" if h & 1 else "app"
+
+    def _make(self, i: int, occurred_ms: int | None = None) -> dict:
+        ms = occurred_ms if occurred_ms is not None else self.table.base_ms(i)
+        kind, contact, product, source = self._fields(i)
         return {
             "id": f"evt_{i:010d}",
             "type": kind,
             "occurred_at": utc_iso(ms),
             "email": contact_email(self.seed, contact).strip().lower(),
             "product_id": product,
-            "properties": {"source": "web" if h & 1 else "app"},
+            "properties": {"source": source},
         }
 
     def record_json(self, key: tuple[int, int]) -> str:
-        """The record of `key` as the API's JSON text (what json.dumps of `table.record(key)`
-        gives, written without building the dict: the export serves millions)."""
+        """The record of `key` as the API's JSON text: what json.dumps of `table.get` gives,
+        written for base events without building the dict (the export serves millions)."""
         ms, i = key
         if self.table.is_changed(i):
-            return json.dumps(self.table.record(key), separators=(",", ":"))
-        h = mix(self.seed, i)
-        kind = TYPES[h % len(TYPES)]
-        product = "null"
-        if kind != "email_opened" and self.products:
-            product = str(ID_BASE + (h >> 40) % self.products + 1)
-        email = _email_json(self.seed, (h >> 8) % max(1, self.contacts) + 1)
-        source = "web" if h & 1 else "app"
+            return json.dumps(self.table.get(i), separators=(",", ":"))
+        kind, contact, product, source = self._fields(i)
         return (
             f'{{"id":"evt_{i:010d}","type":"{kind}","occurred_at":"{utc_iso(ms)}",'
-            f'"email":{email},"product_id":{product},"properties":{{"source":"{source}"}}}}'
+            f'"email":{_email_json(self.seed, contact)},'
+            f'"product_id":{"null" if product is None else product},'
+            f'"properties":{{"source":"{source}"}}}}'
         )
 
     def advance(self, share: float, hours: float = 1.0) -> int:
@@ -140,13 +141,16 @@ def create_app(
         keys = state.table.page_keys(since, after, limit)
         more = bool(keys) and bool(state.table.page_keys(since, keys[-1], 1))
         records = None  # the page's records as dicts, built only when a fault rewrites them
+
+        def as_dicts() -> list[dict]:
+            return records if records is not None else [state.table.get(i) for _, i in keys]
+
         if after and faults.take("duplicate"):
-            records = [state.table.get(after[1])] + [state.table.record(k) for k in keys]
+            records = [state.table.get(after[1]), *as_dicts()]
         if faults.take("added_field") and keys:
-            records = records or [state.table.record(k) for k in keys]
-            records = [r | {"session_id": f"s-{r['id']}"} for r in records]
+            records = [r | {"session_id": f"s-{r['id']}"} for r in as_dicts()]
         if faults.take("malformed") and keys:
-            records = records or [state.table.record(k) for k in keys]
+            records = as_dicts()
             records = records + malformed_records("id", ["occurred_at"], records[0])
         fault = faults.take("update_while_paging")
         if fault:  # events never change: new ones arrive while the client pages

@@ -90,7 +90,7 @@ class Table:
         self, since_ms: int | None, after: tuple[int, int] | None, limit: int
     ) -> list[tuple[int, int]]:
         """Up to `limit` keys (cursor ms, index) with cursor >= since_ms and key > after, in
-        key order; `record(key)` gives each one's record."""
+        key order; `get(index)` gives each one's record."""
         out: list[tuple[int, int]] = []
         with self.lock:
             base_end = self.base_ms(self.size) if self.size else EPOCH_MS - 1
@@ -114,16 +114,12 @@ class Table:
     def is_changed(self, i: int) -> bool:
         return i in self.changed
 
-    def record(self, key: tuple[int, int]) -> dict:
-        changed = self.changed.get(key[1])
-        return changed[1] if changed is not None else self.make(key[1])
-
     def page(
         self, since_ms: int | None, after: tuple[int, int] | None, limit: int
     ) -> list[tuple[tuple[int, int], dict]]:
         """Up to `limit` (key, record) with cursor >= since_ms and key > after, in key order."""
         with self.lock:
-            return [(key, self.record(key)) for key in self.page_keys(since_ms, after, limit)]
+            return [(key, self.get(key[1])) for key in self.page_keys(since_ms, after, limit)]
 
     def all_records(self) -> list[dict]:
         """Every current record (for tests and small tables)."""
