@@ -56,7 +56,7 @@ def test_every_service_built_from_the_project_image_is_listed():
 @airflow_service
 def test_local_executor_and_postgres_metadata_db(name):
     env = SERVICES[name]["environment"]
-    assert env["AIRFLOW__CORE__EXECUTOR"] == "LocalExecutor"
+    assert env["AIRFLOW__CORE__EXECUTOR"] == "presend.executor.LocalExecutor"
     assert env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"] == (
         "postgresql+psycopg2://airflow:airflow@postgres/airflow"
     )

@@ -15,6 +15,9 @@ from presend import settings
 DAG_ID = "presend_sync"
 
 
+EXECUTOR = "presend.executor.LocalExecutor"
+
+
 def airflow_env(airflow_home: Path | None = None) -> dict[str, str]:
     """Environment of the embedded default: project-local AIRFLOW_HOME with SQLite metadata."""
     settings.disable_telemetry()
@@ -34,6 +37,8 @@ def airflow_env(airflow_home: Path | None = None) -> dict[str, str]:
         "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
         "PRESEND_DATA_DIR": str(settings.data_dir()),
     }
+    # Airflow's LocalExecutor, whose tasks start with dbt imported (presend.executor).
+    env.setdefault("AIRFLOW__CORE__EXECUTOR", EXECUTOR)
     if _metadata_is_sqlite(env, home):
         for key in ("SQL_ALCHEMY_CONNECT_ARGS", "SQL_ALCHEMY_CONNECT_ARGS_ASYNC"):
             env.setdefault(f"AIRFLOW__DATABASE__{key}", "presend.settings.SQLITE_CONNECT_ARGS")

@@ -1,0 +1,68 @@
+"""How presend runs dbt: a forked process with dbt's exit codes and output, which dies with the
+process that started it, leaving the warehouse free for the next writer."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import duckdb
+
+from presend import settings, transform, warehouse
+
+
+def test_dbt_errors_come_back_as_the_dbt_executable_reports_them(data_dir):
+    proc = transform.run_dbt("run-operation", "no_such_macro")
+    assert proc.returncode == 2
+    assert "could not find a macro with the name 'no_such_macro'" in proc.stdout
+    ok = transform.run_dbt("parse")
+    assert ok.returncode == 0, ok.stdout[-2000:]
+    assert (transform.target_dir() / "manifest.json").exists()
+
+
+# A query DuckDB takes minutes over, holding the warehouse open read-write meanwhile.
+SLOW = """
+from presend import transform
+transform.run_dbt("show", "--inline", "select count(*) from range(1000000000000)")
+"""
+
+
+def _children(pid: int) -> list[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(p) for p in path.read_text().split()] if path.exists() else []
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_a_killed_caller_takes_its_dbt_process_with_it_and_frees_the_warehouse(data_dir):
+    with warehouse.connect():  # creates the file
+        pass
+    env = os.environ | {"PYTHONPATH": str(settings.PROJECT_DIR / "plugins")}
+    caller = subprocess.Popen([sys.executable, "-c", SLOW], env=env)
+    try:
+        deadline = time.monotonic() + 60
+        while not (dbt := _children(caller.pid)):
+            assert caller.poll() is None, "the caller exited before dbt started"
+            assert time.monotonic() < deadline, "no dbt process started"
+            time.sleep(0.2)
+        (dbt_pid,) = dbt
+        time.sleep(5)  # dbt has started its query and holds the warehouse's write lock
+        assert _alive(dbt_pid)
+        caller.kill()
+        caller.wait()
+        deadline = time.monotonic() + 20
+        while _alive(dbt_pid):
+            assert time.monotonic() < deadline, "dbt outlived the process that started it"
+            time.sleep(0.2)
+    finally:
+        caller.kill()
+    with duckdb.connect(str(settings.warehouse_path())) as con:  # read-write: the lock is free
+        assert con.execute("select 42").fetchone() == (42,)
