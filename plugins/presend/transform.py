@@ -148,12 +148,13 @@ def _run_forked(argv: list[str], env: dict[str, str]) -> subprocess.CompletedPro
     # What this process holds (dbt's modules, ...) moves to the permanent generation: the
     # child's garbage collector would otherwise walk it on every collection, and touching it
     # copies its pages (measured: ~20% more of dbt's own time in the child).
+    parent = os.getpid()
     gc.freeze()
     try:
         pid = os.fork()
         if pid == 0:  # the child: never returns
             os.close(read_end)
-            _dbt_child(argv, env, write_end)
+            _dbt_child(argv, env, write_end, parent)
     finally:
         gc.unfreeze()
     os.close(write_end)
@@ -163,12 +164,14 @@ def _run_forked(argv: list[str], env: dict[str, str]) -> subprocess.CompletedPro
     return subprocess.CompletedProcess(["dbt", *argv], os.waitstatus_to_exitcode(status), text)
 
 
-def _dbt_child(argv: list[str], env: dict[str, str], output_fd: int) -> None:
+def _dbt_child(argv: list[str], env: dict[str, str], output_fd: int, parent: int) -> None:
     code = 2
     try:
         # Killed with the process that forked it (e.g. a task Airflow stops), so no dbt is
-        # left holding the warehouse's write lock.
+        # left holding the warehouse's write lock; gone already if it died before this line.
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:
+            os._exit(code)
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, signal.SIG_DFL)
         os.dup2(output_fd, 1)
