@@ -247,10 +247,15 @@ def main() -> None:
     os.environ["PRESEND_TASK_POOL"] = settings.WAREHOUSE_POOL
     data_dir.mkdir(parents=True, exist_ok=True)
 
-    fork = os.environ.get("PRESEND_DBT_FORK", "1") != "0"
+    from presend import transform
+
     print(
         "dbt process per build: "
-        + ("a fork of this process, which has warmed dbt up" if fork else "a new dbt executable")
+        + (
+            "a fork of this process, which has warmed dbt up"
+            if transform.forks_dbt()
+            else "a new dbt executable"
+        )
     )
     t0 = time.perf_counter()
     generate(args.contacts, args.events)

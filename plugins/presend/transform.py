@@ -114,6 +114,11 @@ def preload_dbt() -> None:
 _preloaded = False
 
 
+def forks_dbt() -> bool:
+    """Whether run_dbt forks a warm process (the default) or runs the `dbt` executable."""
+    return os.environ.get("PRESEND_DBT_FORK", "1") != "0" and hasattr(os, "fork")
+
+
 def run_dbt(
     *args: str, extra_vars: dict | None = None, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess:
@@ -124,7 +129,7 @@ def run_dbt(
     """
     argv = [*args, "--vars", dbt_vars(extra_vars)]
     child_env = dbt_env() | (env or {})
-    if os.environ.get("PRESEND_DBT_FORK", "1") == "0" or not hasattr(os, "fork"):
+    if not forks_dbt():
         dbt = Path(sys.executable).with_name("dbt")
         proc = subprocess.run(
             [str(dbt), *argv],
