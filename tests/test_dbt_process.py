@@ -66,3 +66,17 @@ def test_a_killed_caller_takes_its_dbt_process_with_it_and_frees_the_warehouse(d
         caller.kill()
     with duckdb.connect(str(settings.warehouse_path())) as con:  # read-write: the lock is free
         assert con.execute("select 42").fetchone() == (42,)
+
+
+def test_dbt_log_file_keeps_the_task_log_lines_and_debug_on_request(data_dir, monkeypatch):
+    log = settings.data_dir() / "dbt" / "logs" / "dbt.log"
+    monkeypatch.delenv("DBT_LOG_LEVEL_FILE", raising=False)
+    assert transform.run_dbt("parse").returncode == 0
+    lines = log.read_text().splitlines()
+    assert any("Running with dbt=" in line for line in lines)
+    assert not any("[debug]" in line for line in lines)
+
+    log.unlink()
+    monkeypatch.setenv("DBT_LOG_LEVEL_FILE", "debug")
+    assert transform.run_dbt("parse").returncode == 0
+    assert "[debug]" in log.read_text()

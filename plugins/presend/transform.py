@@ -53,15 +53,21 @@ def target_dir() -> Path:
 
 
 def dbt_env() -> dict[str, str]:
-    """Environment dbt runs with: where the warehouse is, where dbt may write, no telemetry."""
+    """Environment dbt runs with: where the warehouse is, where dbt may write, no telemetry.
+
+    dbt's log file (data/dbt/logs/dbt.log) gets what the task log shows, not dbt's debug lines
+    (every statement, every connection event): writing those cost ~10% of an incremental
+    build's time. DBT_LOG_LEVEL_FILE=debug in the environment brings them back.
+    """
     settings.disable_telemetry()
-    return os.environ | {
+    presend = {
         "PRESEND_WAREHOUSE": str(settings.warehouse_path()),
         "DBT_PROFILES_DIR": str(settings.DBT_PROJECT_DIR),
         "DBT_PROJECT_DIR": str(settings.DBT_PROJECT_DIR),
         "DBT_TARGET_PATH": str(target_dir()),
         "DBT_LOG_PATH": str(settings.data_dir() / "dbt" / "logs"),
     }
+    return {"DBT_LOG_LEVEL_FILE": "info"} | dict(os.environ) | presend
 
 
 def dbt_vars_dict(extra: dict | None = None) -> dict:
