@@ -20,7 +20,9 @@ from {module} import LocalExecutor
 assert "dbt.cli.main" not in sys.modules
 executor = LocalExecutor(parallelism=2)
 executor.start()
-Path(sys.argv[1]).write_text(json.dumps(list(executor.workers)))
+partial = Path(sys.argv[1] + ".partial")
+partial.write_text(json.dumps(list(executor.workers)))
+partial.rename(sys.argv[1])  # the test polls for the file: it must never see it half written
 sys.stdin.readline()
 executor.end()
 """
