@@ -89,10 +89,53 @@ def test_the_snapshot_keeps_the_last_known_values_of_a_changed_profile(two_loads
             "order by dbt_valid_from"
         ).fetchall()
         unchanged = con.execute(
-            "select count(*) from snapshots.customer_profile_snapshot where contact_id = '1'"
-        ).fetchone()[0]
+            "select count(*), count(dbt_valid_to) from snapshots.customer_profile_snapshot "
+            "where contact_id = '1'"
+        ).fetchone()
     assert versions == [(1, Decimal("89.00"), False), (0, Decimal("0.00"), True)]
-    assert unchanged == 1
+    assert unchanged == (1, 0)  # one version, still current
+
+
+def _snapshot_versions() -> dict[str, list[bool]]:
+    """Per contact: whether each version (oldest first) is still current."""
+    with duckdb.connect(str(settings.warehouse_path()), read_only=True) as con:
+        rows = con.sql(
+            "select contact_id, dbt_valid_to is null from snapshots.customer_profile_snapshot "
+            "order by contact_id, dbt_valid_from"
+        ).fetchall()
+    versions: dict[str, list[bool]] = {}
+    for contact_id, current in rows:
+        versions.setdefault(contact_id, []).append(current)
+    return versions
+
+
+def test_the_snapshot_closes_an_archived_contact_and_catches_up_after_runs_without_it(
+    two_loads,
+):
+    """The snapshot compares only contacts recomputed since it last ran: a contact archived
+    in the CRM is still closed, and changes made by runs that left the snapshot out (`dbt
+    run`) reach it at the next build."""
+    before = _snapshot_versions()
+    assert before["1"] == [True] and before["4"] == [True]
+    # Ada is archived in the CRM, then a `dbt run` (no snapshot) recomputes her away.
+    with warehouse.connect() as con:
+        con.execute(
+            "update raw.crm_contacts set archived = true, _loaded_at = now()::timestamp "
+            "where id = '1'"
+        )
+    _run_models()
+    # Tia's loyalty tier changes; this build runs the snapshot.
+    _update_raw("crm_contacts", "4", lambda p: p.update(loyalty_tier="gold"))
+    transform.build(extra_vars=VARS)
+    after = _snapshot_versions()
+    assert after["1"] == [False]  # closed: she left customer_profile
+    assert after["4"] == [False, True]  # a new version for the new tier
+    assert {c: v for c, v in after.items() if c not in ("1", "4")} == {
+        c: v for c, v in before.items() if c not in ("1", "4")
+    }
+    with warehouse.connect() as con:
+        left = con.execute("select count(*) from int_affected_contacts__unsnapshotted").fetchone()
+    assert left == (0,)
 
 
 def _run_models(as_of: str = AS_OF) -> dict[str, tuple]:
@@ -186,6 +229,43 @@ def test_each_kind_of_change_reaches_exactly_the_contacts_it_affects(data_dir):
     assert incremental["3"][7:16] == (*_rec(101), *_rec(104), *_rec(102))
 
     transform.build("--full-refresh", extra_vars={"as_of": later, "store_url": STORE})
+    assert merge_fields_duckdb() == incremental
+
+
+def test_a_best_seller_change_below_the_top_3_reaches_contacts_who_bought_a_top_3_product(
+    data_dir,
+):
+    """A contact who bought n products in 90 days reads 3 + n ranks of a best-seller list:
+    a change at rank 4 alone reaches Linus, who bought the #1, and nobody else's data moved."""
+    load_duckdb_fixture()
+    transform.build(extra_vars=VARS)
+    with warehouse.connect() as con:
+        # The first run's snapshot compared every contact: none is left for the next.
+        assert con.execute(
+            "select count(*) from int_affected_contacts__unsnapshotted"
+        ).fetchone() == (0,)
+        order = json.loads(
+            con.execute("select record from raw.shop_orders where id = '1007'").fetchone()[0]
+        )
+        order |= {"id": 1009, "email": "linus@example.com", "created_at": "2026-11-20T10:00:00Z"}
+        order["line_items"][0]["id"] = 10090
+        con.execute(
+            "insert into raw.shop_orders values ('1009', '2026-11-20 10:00:00', ?, 'fixture-2', "
+            "now()::timestamp)",
+            [json.dumps(order)],
+        )
+    # The Wool Hat is now the best seller (his favourite category, Accessories, has nothing
+    # else in stock): Linus gets the best sellers he has not bought, ranks 2 to 4.
+    assert _run_models()["3"][7:16] == (*_rec(101), *_rec(103), *_rec(102))
+    # The Road Shoe (rank 4) sells out: the Fleece moves up to rank 4.
+    _update_raw(
+        "shop_products",
+        "102",
+        lambda r: [variant.update(inventory_quantity=0) for variant in r["variants"]],
+    )
+    incremental = _run_models()
+    assert incremental["3"][7:16] == (*_rec(101), *_rec(103), *_rec(107))
+    transform.build("--full-refresh", extra_vars=VARS)
     assert merge_fields_duckdb() == incremental
 
 

@@ -20,7 +20,8 @@
 {#-
   What int_affected_contacts remembers between runs (tables next to it, replaced by its
   post-hooks in the same transaction as its rows): the newest `_loaded_at` of the raw
-  tables, the reference time and the config the run used, and int_product_sales as it was.
+  tables, the reference time and the config the run used, and int_product_sales as it was;
+  and the contacts the snapshot has yet to compare (macros/snapshot_scope.sql).
 -#}
 {% macro transform_state_relation(suffix) -%}
     {{ return(api.Relation.create(

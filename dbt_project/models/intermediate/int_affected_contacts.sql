@@ -11,7 +11,7 @@
     materialized='incremental',
     unique_key='contact_id',
     incremental_strategy='delete+insert',
-    post_hook=["{{ save_transform_state() }}"],
+    post_hook=["{{ save_transform_state() }}", "{{ add_unsnapshotted_contacts() }}"],
 ) }}
 -- depends_on: {{ ref('int_product_sales') }}, {{ ref('stg_crm__contacts') }}
 -- depends_on: {{ ref('stg_shop__orders') }}, {{ ref('stg_shop__order_lines') }}
