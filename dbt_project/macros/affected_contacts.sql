@@ -38,11 +38,15 @@
         database=target.database, schema=target.schema, identifier=name)) }}
 {%- endmacro %}
 
-{#- Hash of the vars that change merge fields without any data changing. -#}
+{#-
+  Hash of the vars that change merge fields without any data changing, and of the version
+  of what the incremental models keep: bump it when a change needs every contact recomputed
+  once (2: int_order_facts.products_bought_90d, which int_affected_contacts reads).
+-#}
 {% macro transform_config_hash() -%}
     {{ return(local_md5(tojson([
         var('merge_field_defaults', none), var('store_url', none),
-        var('engagement_weights', none)]))) }}
+        var('engagement_weights', none), 2]))) }}
 {%- endmacro %}
 
 {#-
@@ -57,6 +61,7 @@
         state, transform_state_relation('products'),
         existing_relation('int_identity__contact_emails'),
         existing_relation('int_identity__contact_orders'),
+        existing_relation('int_order_facts'),
         existing_relation('customer_profile'),
     ] -%}
     {%- for relation in needed -%}

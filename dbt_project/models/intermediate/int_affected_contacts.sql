@@ -219,21 +219,18 @@ previous_profiles as (
 
 ),
 
-{#- A contact's recommendations read the top 3 + (products bought in 90 days) of a list. -#}
+{#-
+  A contact's recommendations read the top 3 + (products bought in 90 days) of a list.
+  The count as the last run left it: it differs from now only for contacts whose orders
+  changed or crossed the 90-day window, which are affected anyway.
+-#}
 recently_bought as (
 
     select
-        contact_orders.contact_id,
-        count(distinct order_lines.product_id) as bought_count
+        contact_id,
+        products_bought_90d as bought_count
 
-    from {{ existing_relation('int_identity__contact_orders') }} as contact_orders
-    inner join {{ ref('stg_shop__order_lines') }} as order_lines
-        on contact_orders.order_id = order_lines.order_id
-    where
-        not contact_orders.is_cancelled
-        and contact_orders.created_at > {{ since_90_days }}
-        and contact_orders.created_at <= {{ as_of() }}
-    group by contact_orders.contact_id
+    from {{ existing_relation('int_order_facts') }}
 
 ),
 

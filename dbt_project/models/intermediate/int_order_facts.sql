@@ -1,7 +1,12 @@
-{#- Per contact: orders not cancelled, all time (up to the reference time). -#}
+{#-
+  Per contact: orders not cancelled, all time (up to the reference time), and how many
+  products those of the last 90 days held (what int_affected_contacts reads to know whose
+  recommendations a changed best-seller list reaches).
+-#}
 {{ config(
     materialized='incremental',
     incremental_strategy='append',
+    on_schema_change='append_new_columns',
     pre_hook="{{ delete_affected_contacts() }}",
 ) }}
 -- depends_on: {{ ref('int_affected_contacts') }}
@@ -18,6 +23,20 @@ contact_orders as (
 
 ),
 
+recent_products as (
+
+    select
+        contact_orders.contact_id,
+        count(distinct order_lines.product_id) as products_bought_90d
+
+    from contact_orders
+    inner join {{ ref('stg_shop__order_lines') }} as order_lines
+        on contact_orders.order_id = order_lines.order_id
+    where contact_orders.created_at > {{ dbt.dateadd('day', -90, as_of()) }}
+    group by contact_orders.contact_id
+
+),
+
 facts as (
 
     select
@@ -29,6 +48,17 @@ facts as (
     from contact_orders
     group by contact_id
 
+),
+
+final as (
+
+    select
+        facts.*,
+        coalesce(recent_products.products_bought_90d, 0) as products_bought_90d
+
+    from facts
+    left join recent_products on facts.contact_id = recent_products.contact_id
+
 )
 
-select * from facts
+select * from final
