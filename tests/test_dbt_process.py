@@ -3,6 +3,7 @@ process that started it, leaving the warehouse free for the next writer."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -80,3 +81,20 @@ def test_dbt_log_file_keeps_the_task_log_lines_and_debug_on_request(data_dir, mo
     monkeypatch.setenv("DBT_LOG_LEVEL_FILE", "debug")
     assert transform.run_dbt("parse").returncode == 0
     assert "[debug]" in log.read_text()
+
+
+def test_forked_dbt_finds_every_macro_of_the_project_compiled(data_dir, monkeypatch):
+    """preload_dbt compiles every macro's template (the project's, dbt's, the adapter's) into
+    dbt's template cache, which each forked build inherits instead of compiling them again."""
+    from dbt_common.clients.jinja import template_cache
+
+    # Preloaded afresh: an earlier test of this process may have preloaded a broken config.
+    monkeypatch.setattr(transform, "_preloaded", False)
+    transform.preload_dbt()
+    assert transform.run_dbt("parse").returncode == 0
+    manifest = json.loads((transform.target_dir() / "manifest.json").read_text())
+    macros = {m["unique_id"]: m["macro_sql"] for m in manifest["macros"].values()}
+    assert "macro.presend.scoped_snapshot_staging_table" in macros
+    assert "macro.dbt_duckdb.materialization_incremental_duckdb" in macros
+    missing = [uid for uid, sql in macros.items() if sql not in template_cache.file_cache]
+    assert missing == []

@@ -109,7 +109,8 @@ def preload_dbt() -> None:
             args = ["--quiet", "parse", "--no-partial-parse", "--no-write-json"]
             with contextlib.suppress(Exception):  # a broken config: it still warms up most
                 args += ["--vars", dbt_vars()]
-            dbtRunner().invoke(args)  # its result does not matter: it only warms dbt up
+            parsed = dbtRunner().invoke(args)  # it only warms dbt up: a failure does not matter
+        _compile_macro_templates(parsed.result)
     finally:
         os.environ.clear()
         os.environ.update(saved)
@@ -118,6 +119,20 @@ def preload_dbt() -> None:
 
 
 _preloaded = False
+
+
+def _compile_macro_templates(manifest: object) -> None:
+    """Compile the Jinja template of every macro of the parsed project (dbt's and the
+    adapter's included) into dbt's template cache, which forks inherit. dbt compiles a macro
+    the first time a process calls it, and a build's materializations, hooks and tests call
+    ~180: every forked build compiled them again (~0.9 s of its threads' time in an incremental
+    build at 1M; compiling all ~550 here costs ~0.8 s once per process). The cache is keyed
+    by the macro's text, so a macro edited since is compiled afresh."""
+    from dbt_common.clients.jinja import template_cache
+
+    for macro in getattr(manifest, "macros", {}).values():
+        with contextlib.suppress(Exception):  # a macro that does not compile fails where used
+            template_cache.get_node_template(macro)
 
 
 def forks_dbt() -> bool:
