@@ -83,6 +83,22 @@ def test_merge_fields_are_exact_for_hand_made_contacts(data_dir):
             'insert into esp_merge_fields by name select * replace (null as "FIRST_NAME") '
             "from esp_merge_fields limit 1"
         )
+    # So do the marts' contracts (their not-null columns and the recommendation rank).
+    with duckdb.connect(str(settings.warehouse_path())) as con:
+        with pytest.raises(duckdb.ConstraintException, match="is_marketable"):
+            con.execute(
+                "insert into customer_profile by name select * replace (null as is_marketable) "
+                "from customer_profile limit 1"
+            )
+        with pytest.raises(duckdb.ConstraintException, match="recommendation_rank"):
+            con.execute(
+                "insert into customer_recommendations (recommendation_id, contact_id, "
+                "recommendation_rank, product_id) values ('1-4', '1', 4, '101')"
+            )
+        con.execute(
+            "insert into customer_recommendations (recommendation_id, contact_id, "
+            "recommendation_rank, product_id) values ('1-3', '1', 3, '101')"
+        )
 
 
 def test_a_missing_merge_field_default_is_a_clear_error(data_dir, tmp_path, monkeypatch):

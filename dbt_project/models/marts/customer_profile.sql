@@ -6,6 +6,7 @@
 {{ config(
     materialized='incremental',
     incremental_strategy='append',
+    on_schema_change='fail',
     pre_hook="{{ delete_affected_contacts() }}",
 ) }}
 -- depends_on: {{ ref('int_affected_contacts') }}
@@ -59,28 +60,31 @@ store_best_category as (
 
 ),
 
+-- Cast to the types the model's contract declares (customer_profile.yml), on every warehouse.
 profile as (
 
     select
-        contacts.contact_id,
-        contacts.email,
-        contacts.first_name,
-        contacts.last_name,
-        contacts.loyalty_tier,
-        contacts.time_zone,
-        contacts.has_marketing_consent,
+        cast(contacts.contact_id as {{ dbt.type_string() }}) as contact_id,
+        cast(contacts.email as {{ dbt.type_string() }}) as email,
+        cast(contacts.first_name as {{ dbt.type_string() }}) as first_name,
+        cast(contacts.last_name as {{ dbt.type_string() }}) as last_name,
+        cast(contacts.loyalty_tier as {{ dbt.type_string() }}) as loyalty_tier,
+        cast(contacts.time_zone as {{ dbt.type_string() }}) as time_zone,
+        cast(contacts.has_marketing_consent as {{ dbt.type_boolean() }}) as has_marketing_consent,
         coalesce({{ is_valid_email('contacts.email') }}, false) as has_valid_email,
         identity.contact_id is not null as owns_email,
-        coalesce(order_facts.order_count, 0) as order_count,
-        coalesce(order_facts.lifetime_value, 0) as lifetime_value,
-        order_facts.last_order_date,
-        coalesce(favorite.favorite_category, store_best_category.category)
-            as favorite_category,
+        cast(coalesce(order_facts.order_count, 0) as {{ dbt.type_bigint() }}) as order_count,
+        cast(coalesce(order_facts.lifetime_value, 0) as decimal(18, 2)) as lifetime_value,
+        cast(order_facts.last_order_date as date) as last_order_date,
+        cast(
+            coalesce(favorite.favorite_category, store_best_category.category)
+            as {{ dbt.type_string() }}
+        ) as favorite_category,
         favorite.favorite_category is not null as is_favorite_category_engaged,
-        send_hours.best_send_hour,
-        cart.cart_item_title,
-        coalesce(cart.cart_item_count, 0) as cart_item_count,
-        contacts.modified_at
+        cast(send_hours.best_send_hour as {{ dbt.type_int() }}) as best_send_hour,
+        cast(cart.cart_item_title as {{ dbt.type_string() }}) as cart_item_title,
+        cast(coalesce(cart.cart_item_count, 0) as {{ dbt.type_bigint() }}) as cart_item_count,
+        cast(contacts.modified_at as {{ dbt.type_timestamp() }}) as modified_at
 
     from contacts
     left join identity

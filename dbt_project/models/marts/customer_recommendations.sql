@@ -7,6 +7,7 @@
 {{ config(
     materialized='incremental',
     incremental_strategy='append',
+    on_schema_change='fail',
     pre_hook="{{ delete_affected_contacts() }}",
 ) }}
 -- depends_on: {{ ref('int_affected_contacts') }}
@@ -137,15 +138,15 @@ recommendations as (
             'ranked.contact_id', "'-'",
             'cast(ranked.recommendation_rank as ' ~ dbt.type_string() ~ ')'
         ]) }} as recommendation_id,
-        ranked.contact_id,
-        ranked.recommendation_rank,
-        ranked.product_id,
-        products.title,
+        cast(ranked.contact_id as {{ dbt.type_string() }}) as contact_id,
+        cast(ranked.recommendation_rank as {{ dbt.type_bigint() }}) as recommendation_rank,
+        cast(ranked.product_id as {{ dbt.type_string() }}) as product_id,
+        cast(products.title as {{ dbt.type_string() }}) as title,
         {{ dbt.concat([
             "'" ~ var('store_url').rstrip('/') ~ "/products/'", 'products.handle'
         ]) }} as url,
-        products.price,
-        products.category
+        cast(products.price as decimal(18, 2)) as price,
+        cast(products.category as {{ dbt.type_string() }}) as category
 
     from ranked
     inner join products on ranked.product_id = products.product_id
