@@ -98,3 +98,42 @@ def test_forked_dbt_finds_every_macro_of_the_project_compiled(data_dir, monkeypa
     assert "macro.dbt_duckdb.materialization_incremental_duckdb" in macros
     missing = [uid for uid, sql in macros.items() if sql not in template_cache.file_cache]
     assert missing == []
+
+
+def test_every_model_reads_its_raw_table_while_dbt_caches_the_raw_schema_slowly(
+    data_dir, monkeypatch
+):
+    """The staging models look up their raw tables from 4 threads at once. On a cache miss
+    dbt lists the schema and adds it to its relation cache before the schema's tables: a
+    lookup in between found the schema cached without its table, and that model built from
+    no rows (seen about once in 150 builds). Here the tables enter the cache slowly and each
+    lookup of a raw table starts 0.1 s after the one before, so a lookup through dbt's cache
+    would miss nearly every time. The forked build inherits the patches."""
+    import threading
+
+    from dbt.adapters.base.impl import BaseAdapter
+    from dbt.adapters.cache import RelationsCache
+    from test_dbt_fixture import AS_OF, EXPECTED, STORE, load_duckdb_fixture, merge_fields_duckdb
+
+    add, get_relation = RelationsCache.add, BaseAdapter.get_relation
+    lookups, lock = [0], threading.Lock()
+
+    def slow_add(self, relation):
+        add(self, relation)
+        if relation.schema == "raw":
+            time.sleep(0.3)
+
+    def staggered_get_relation(self, database, schema, identifier):
+        if schema == "raw":
+            with lock:
+                lookups[0] += 1
+                delay = 0.1 * (lookups[0] - 1)
+            time.sleep(delay)
+        return get_relation(self, database, schema, identifier)
+
+    monkeypatch.setattr(RelationsCache, "add", slow_add)
+    monkeypatch.setattr(BaseAdapter, "get_relation", staggered_get_relation)
+    monkeypatch.setenv("PRESEND_DBT_FORK", "1")
+    load_duckdb_fixture()
+    transform.build(extra_vars={"as_of": AS_OF, "store_url": STORE})
+    assert merge_fields_duckdb() == EXPECTED
