@@ -12,7 +12,7 @@ from pathlib import Path
 
 import duckdb
 
-from presend import settings, transform, warehouse
+from presend import load, settings, transform, warehouse
 
 
 def test_dbt_errors_come_back_as_the_dbt_executable_reports_them(data_dir):
@@ -137,3 +137,36 @@ def test_every_model_reads_its_raw_table_while_dbt_caches_the_raw_schema_slowly(
     load_duckdb_fixture()
     transform.build(extra_vars={"as_of": AS_OF, "store_url": STORE})
     assert merge_fields_duckdb() == EXPECTED
+
+
+def test_no_statement_of_a_build_fails_quietly(data_dir, monkeypatch, tmp_path):
+    """DuckDB 2 voids a whole transaction once any statement in it fails, and still answers
+    COMMIT with success; dbt-duckdb catches some failures (a relation that does not exist)
+    and goes on. A failed statement inside a model's transaction would lose the model's rows
+    without any error. Every statement dbt runs must therefore succeed: on empty raw tables,
+    then a first build with data, an incremental one and a full refresh."""
+    from dbt.adapters.duckdb.environments.local import DuckDBCursorWrapper
+    from test_dbt_fixture import AS_OF, STORE, load_duckdb_fixture
+
+    failures = tmp_path / "failed_statements.txt"
+    execute = DuckDBCursorWrapper.execute
+
+    def recording_execute(self, sql, bindings=None):
+        try:
+            return execute(self, sql, bindings)
+        except BaseException as exc:
+            with failures.open("a") as out:  # the forked build appends here
+                out.write(f"{exc!r}\n{sql}\n\n")
+            raise
+
+    monkeypatch.setattr(DuckDBCursorWrapper, "execute", recording_execute)
+    monkeypatch.setenv("PRESEND_DBT_FORK", "1")
+    build_vars = {"as_of": AS_OF, "store_url": STORE}
+    with warehouse.connect() as con:  # the raw tables, empty
+        load.ensure_schema(con)
+    transform.build(extra_vars=build_vars)
+    load_duckdb_fixture()
+    transform.build(extra_vars=build_vars)
+    transform.build(extra_vars=build_vars)
+    transform.build("--full-refresh", extra_vars=build_vars)
+    assert not failures.exists(), failures.read_text()
