@@ -53,22 +53,26 @@ previous_owned_emails as (
 
 ),
 
-orders as (
-
-    select * from {{ ref('stg_shop__orders') }}
-
-),
-
+-- Each reason its own scan (unions, not `or`): DuckDB pushes a simple filter into the scan
+-- and skips the row groups it rules out; an `or` of them is applied after reading every row
+-- (~0.6 s of the events at 1M contacts).
 changed_orders as (
 
     select
         order_id,
         email
 
-    from orders
-    where
-        loaded_at > {{ watermark }}
-        or {{ crosses_a_window('created_at', previous_as_of, [('day', 90)]) }}
+    from {{ ref('stg_shop__orders') }}
+    where loaded_at > {{ watermark }}
+
+    union all
+
+    select
+        order_id,
+        email
+
+    from {{ ref('stg_shop__orders') }}
+    where {{ crosses_a_window('created_at', previous_as_of, [('day', 90)]) }}
 
 ),
 
@@ -106,38 +110,34 @@ changed_products as (
 
 ),
 
-events as (
-
-    select
-        email,
-        product_id,
-        occurred_at,
-        loaded_at
-
-    from {{ ref('stg_analytics__events') }}
-
-),
-
 changed_events as (
 
     select email
-    from events
+    from {{ ref('stg_analytics__events') }}
+    where loaded_at > {{ watermark }}
+
+    union all
+
+    select email
+    from {{ ref('stg_analytics__events') }}
+    where {{ crosses_a_window(
+        'occurred_at', previous_as_of, [('day', 180), ('day', 90), ('hour', 72)]
+    ) }}
+
+    union all
+
+    select email
+    from {{ ref('stg_analytics__events') }}
     where
-        loaded_at > {{ watermark }}
-        or {{ crosses_a_window(
-            'occurred_at', previous_as_of, [('day', 180), ('day', 90), ('hour', 72)]
-        ) }}
-        or (
-            occurred_at > {{ since_90_days }}
-            and product_id in (select product_id from changed_products)
-        )
+        occurred_at > {{ since_90_days }}
+        and product_id in (select product_id from changed_products)
 
 ),
 
 orders_of_changed_products as (
 
     select orders.email
-    from orders
+    from {{ ref('stg_shop__orders') }} as orders
     inner join {{ ref('stg_shop__order_lines') }} as order_lines
         on orders.order_id = order_lines.order_id
     where
