@@ -106,7 +106,7 @@ def test_every_model_reads_its_raw_table_while_dbt_caches_the_raw_schema_slowly(
     """The staging models look up their raw tables from 4 threads at once. On a cache miss
     dbt lists the schema and adds it to its relation cache before the schema's tables: a
     lookup in between found the schema cached without its table, and that model built from
-    no rows (seen about once in 150 builds). Here the tables enter the cache slowly and each
+    no rows (1 of ~280 fixture builds here). Here the tables enter the cache slowly and each
     lookup of a raw table starts 0.1 s after the one before, so a lookup through dbt's cache
     would miss nearly every time. The forked build inherits the patches."""
     import threading

@@ -26,8 +26,8 @@
   does not cache the schemas of sources, and a lookup that misses the cache adds the
   schema's tables to the cache one by one, the schema first; a model in another thread
   that looks up a raw table meanwhile finds the schema "cached" and its table not (yet) in
-  it, and would build from the empty relation above (dbt-core 1.11, 4 threads: about one
-  build in 150; tests/test_dbt_process.py makes the window wide).
+  it, and would build from the empty relation above (dbt-core 1.11, 4 threads: 1 of ~280
+  fixture builds; tests/test_dbt_process.py makes the window wide).
 -#}
 {% macro raw_table_exists(relation) -%}
     {%- set found = run_query(
