@@ -41,12 +41,13 @@
 {#-
   Hash of the vars that change merge fields without any data changing, and of the version
   of what the incremental models keep: bump it when a change needs every contact recomputed
-  once (2: int_order_facts.products_bought_90d, which int_affected_contacts reads).
+  once (2: int_order_facts.products_bought_90d, which int_affected_contacts reads;
+  3: int_identity__contact_emails.email_key).
 -#}
 {% macro transform_config_hash() -%}
     {{ return(local_md5(tojson([
         var('merge_field_defaults', none), var('store_url', none),
-        var('engagement_weights', none), 2]))) }}
+        var('engagement_weights', none), 3]))) }}
 {%- endmacro %}
 
 {#-

@@ -38,7 +38,7 @@ changed_contacts as (
 
     select
         cast(id as {{ dbt.type_string() }}) as contact_id,
-        {{ normalise_email("properties ->> 'email'") }} as email
+        {{ email_key(normalise_email("properties ->> 'email'")) }} as email_key
 
     from {{ raw_source('crm', 'crm_contacts', 'lastmodifieddate', 'properties') }} as raw_contacts
     where _loaded_at > {{ watermark }}
@@ -47,7 +47,7 @@ changed_contacts as (
 
 previous_owned_emails as (
 
-    select email
+    select email_key
     from {{ existing_relation('int_identity__contact_emails') }}
     where contact_id in (select contact_id from changed_contacts)
 
@@ -60,7 +60,7 @@ changed_orders as (
 
     select
         order_id,
-        email
+        email_key
 
     from {{ ref('stg_shop__orders') }}
     where loaded_at > {{ watermark }}
@@ -69,7 +69,7 @@ changed_orders as (
 
     select
         order_id,
-        email
+        email_key
 
     from {{ ref('stg_shop__orders') }}
     where {{ crosses_a_window('created_at', previous_as_of, [('day', 90)]) }}
@@ -112,13 +112,13 @@ changed_products as (
 
 changed_events as (
 
-    select email
+    select email_key
     from {{ ref('stg_analytics__events') }}
     where loaded_at > {{ watermark }}
 
     union all
 
-    select email
+    select email_key
     from {{ ref('stg_analytics__events') }}
     where {{ crosses_a_window(
         'occurred_at', previous_as_of, [('day', 180), ('day', 90), ('hour', 72)]
@@ -126,7 +126,7 @@ changed_events as (
 
     union all
 
-    select email
+    select email_key
     from {{ ref('stg_analytics__events') }}
     where
         occurred_at > {{ since_90_days }}
@@ -136,7 +136,7 @@ changed_events as (
 
 orders_of_changed_products as (
 
-    select orders.email
+    select orders.email_key
     from {{ ref('stg_shop__orders') }} as orders
     inner join {{ ref('stg_shop__order_lines') }} as order_lines
         on orders.order_id = order_lines.order_id
@@ -148,15 +148,15 @@ orders_of_changed_products as (
 
 affected_emails as (
 
-    select email from changed_contacts
+    select email_key from changed_contacts
     union
-    select email from previous_owned_emails
+    select email_key from previous_owned_emails
     union
-    select email from changed_orders
+    select email_key from changed_orders
     union
-    select email from changed_events
+    select email_key from changed_events
     union
-    select email from orders_of_changed_products
+    select email_key from orders_of_changed_products
 
 ),
 
@@ -275,7 +275,7 @@ affected as (
     select contact_id from previous_order_owners
     union
     select contact_id from {{ ref('stg_crm__contacts') }}
-    where email in (select email from affected_emails)
+    where email_key in (select email_key from affected_emails)
     union
     select contact_id from recommendations_changed
     union

@@ -25,7 +25,7 @@ carted as (
         max(events.occurred_at) as carted_at
 
     from {{ ref('stg_analytics__events') }} as events
-    inner join identity on events.email = identity.email
+    inner join identity on events.email_key = identity.email_key
     where
         events.event_type = 'added_to_cart'
         and events.product_id is not null

@@ -37,7 +37,7 @@ events as (
         end as weight
 
     from {{ ref('stg_analytics__events') }} as events
-    inner join identity on events.email = identity.email
+    inner join identity on events.email_key = identity.email_key
     where
         events.event_type in ('product_viewed', 'added_to_cart')
         and events.occurred_at > {{ dbt.dateadd('day', -90, as_of()) }}

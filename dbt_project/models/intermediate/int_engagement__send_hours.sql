@@ -31,7 +31,7 @@ opens as (
 
     from {{ ref('stg_analytics__events') }} as events
     inner join {{ ref('int_identity__contact_emails') }} as email_owners
-        on events.email = email_owners.email
+        on events.email_key = email_owners.email_key
     where
         events.event_type = 'email_opened'
         and events.occurred_at > {{ dbt.dateadd('day', -180, as_of()) }}

@@ -29,6 +29,7 @@ ranked as (
 
     select
         email,
+        email_key,
         contact_id,
         row_number() over (
             partition by email order by modified_at desc, contact_id asc
@@ -42,6 +43,7 @@ owners as (
 
     select
         email,
+        email_key,
         contact_id
 
     from ranked

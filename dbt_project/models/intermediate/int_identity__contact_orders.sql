@@ -32,7 +32,7 @@ matched as (
         orders.total_price - orders.refunded_amount as net_total
 
     from orders
-    inner join identity on orders.email = identity.email
+    inner join identity on orders.email_key = identity.email_key
 
 )
 

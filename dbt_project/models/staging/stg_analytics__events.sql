@@ -23,6 +23,7 @@ renamed as (
         record ->> 'type' as event_type,
         occurred_at,
         {{ normalise_email("record ->> 'email'") }} as email,
+        {{ email_key(normalise_email("record ->> 'email'")) }} as email_key,
         cast(record ->> 'product_id' as {{ dbt.type_string() }}) as product_id,
         _loaded_at as loaded_at
 

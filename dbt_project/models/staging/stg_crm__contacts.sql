@@ -25,6 +25,7 @@ renamed as (
     select
         id as contact_id,
         {{ normalise_email("properties ->> 'email'") }} as email,
+        {{ email_key(normalise_email("properties ->> 'email'")) }} as email_key,
         nullif(trim(properties ->> 'firstname'), '') as first_name,
         nullif(trim(properties ->> 'lastname'), '') as last_name,
         nullif(lower(trim(properties ->> 'loyalty_tier')), '') as loyalty_tier,

@@ -45,6 +45,7 @@ renamed as (
     select
         cast(source.id as {{ dbt.type_string() }}) as order_id,
         {{ normalise_email("source.record ->> 'email'") }} as email,
+        {{ email_key(normalise_email("source.record ->> 'email'")) }} as email_key,
         {{ iso_to_utc("source.record ->> 'created_at'") }} as created_at,
         source.updated_at,
         {{ iso_to_utc("source.record ->> 'cancelled_at'") }} as cancelled_at,
