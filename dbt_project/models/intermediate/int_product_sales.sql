@@ -17,7 +17,7 @@ sold as (
         order_lines.product_id,
         sum(
             case
-                when orders.created_at > {{ dbt.dateadd('day', -90, as_of()) }}
+                when order_lines.order_created_at > {{ dbt.dateadd('day', -90, as_of()) }}
                     then order_lines.quantity
                 else 0
             end
@@ -25,9 +25,9 @@ sold as (
         sum(order_lines.quantity) as units_sold
 
     from {{ ref('stg_shop__order_lines') }} as order_lines
-    inner join {{ ref('stg_shop__orders') }} as orders
-        on order_lines.order_id = orders.order_id
-    where not orders.is_cancelled and orders.created_at <= {{ as_of() }}
+    where
+        not order_lines.is_order_cancelled
+        and order_lines.order_created_at <= {{ as_of() }}
     group by order_lines.product_id
 
 ),

@@ -1,6 +1,7 @@
 {#-
   Incremental like stg_shop__orders. delete+insert on order_id replaces all lines of an
-  order that changed, so a line removed from an order disappears here too.
+  order that changed, so a line removed from an order disappears here too, and a cancelled
+  order's lines say so.
 -#}
 {{ config(
     materialized='incremental',
@@ -28,6 +29,10 @@ lines as (
         line_item.value ->> 'title' as title,
         cast(line_item.value ->> 'quantity' as integer) as quantity,
         cast(line_item.value ->> 'price' as decimal(18, 2)) as price,
+        -- The order's, as in stg_shop__orders: sales per product then need no join of
+        -- every line with its order.
+        {{ iso_to_utc("source.record ->> 'created_at'") }} as order_created_at,
+        source.record ->> 'cancelled_at' is not null as is_order_cancelled,
         source._loaded_at as loaded_at
 
     from source
