@@ -295,5 +295,16 @@ def test_an_incremental_run_tests_new_rows_against_the_whole_table(data_dir):
             "from raw.events where id = (select min(id) from raw.events)",
             [LATER],
         )
-    with pytest.raises(transform.DbtBuildError, match="source_unique_analytics_events_id"):
+    with pytest.raises(transform.DbtBuildError, match="source_primary_key_analytics_events_id"):
         transform.build(extra_vars=VARS)
+
+
+def test_a_null_primary_key_fails_its_test(data_dir):
+    """primary_key (one test for not_null and unique) fails on a row without a key."""
+    load_duckdb_fixture()
+    transform.build(extra_vars=VARS)
+    with warehouse.connect() as con:
+        con.execute("insert into int_product_sales (product_id, title) values (null, 'no key')")
+    proc = transform.run_dbt("test", "--select", "int_product_sales", extra_vars=VARS)
+    assert proc.returncode == 1
+    assert "FAIL 1 primary_key_int_product_sales_product_id" in proc.stdout
