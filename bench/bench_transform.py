@@ -9,7 +9,8 @@ and the ratio incremental / full refresh (the goal: at most 0.10), and checks th
 incremental path gives the same esp_merge_fields as a full refresh.
 
 Each build runs as the pipeline's transform task runs it under presend's LocalExecutor: a fork
-of a process that has imported dbt and warmed it up (transform.run_dbt, preload_dbt).
+of a process that has imported dbt, warmed it up and parsed the project with the run's vars
+(transform.run_dbt, preload_dbt, parse_for_forks), as the scheduler does for every sync.
 PRESEND_DBT_FORK=0 runs a new `dbt` executable per build instead.
 """
 
@@ -303,6 +304,8 @@ def main() -> None:
 
     from presend import transform
 
+    transform.preload_dbt()
+    transform.parse_for_forks({"as_of": AS_OF})  # the incremental and full-refresh builds'
     print(
         "dbt process per build: "
         + (

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -170,3 +171,34 @@ def test_no_statement_of_a_build_fails_quietly(data_dir, monkeypatch, tmp_path):
     transform.build(extra_vars=build_vars)
     transform.build("--full-refresh", extra_vars=build_vars)
     assert not failures.exists(), failures.read_text()
+
+
+def test_a_build_takes_the_manifest_parsed_before_the_fork_until_a_project_file_changes(
+    data_dir, monkeypatch, tmp_path
+):
+    """parse_for_forks keeps a manifest that forked builds use instead of parsing; once a
+    file of the project changes, the fork parses again and the change takes effect."""
+    project = tmp_path / "dbt_project"
+    shutil.copytree(
+        settings.DBT_PROJECT_DIR, project, ignore=shutil.ignore_patterns("target", "logs")
+    )
+    monkeypatch.setattr(settings, "DBT_PROJECT_DIR", project)
+    monkeypatch.setattr(transform, "_parsed", transform._parsed)  # restored afterwards
+    with warehouse.connect():  # creates the file
+        pass
+    transform.parse_for_forks()
+    # The data folder is new: a fork that parsed would say it found no saved manifest.
+    kept = transform.run_dbt("build", "--select", "stg_shop__products")
+    assert kept.returncode == 0, kept.stdout[-2000:]
+    assert "Starting full parse" not in kept.stdout
+
+    model = project / "models" / "staging" / "stg_shop__products.sql"
+    model.write_text(
+        model.read_text().replace("select * from renamed", "select *, 1 as added from renamed")
+    )
+    changed = transform.run_dbt("build", "--select", "stg_shop__products")
+    assert changed.returncode == 0, changed.stdout[-2000:]
+    assert "Starting full parse" in changed.stdout
+    with duckdb.connect(str(settings.warehouse_path()), read_only=True) as con:
+        columns = [row[0] for row in con.execute("describe main.stg_shop__products").fetchall()]
+    assert "added" in columns

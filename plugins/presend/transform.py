@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import gc
+import hashlib
 import importlib
 import io
 import json
@@ -91,8 +92,8 @@ def preload_dbt() -> None:
     dbt processes it forks (and those its forked children fork) start warm. Once per process.
 
     dbt builds much of its machinery on first use (the JSON schemas it validates configs with,
-    its manifest classes' (de)serialisers): a parse here builds it for every later fork. The
-    parse writes only to a temporary folder and opens no warehouse connection.
+    its manifest classes' (de)serialisers): a parse here builds it for every later fork, and
+    its manifest serves their builds while nothing changes (parse_for_forks).
     """
     global _preloaded
     if _preloaded:
@@ -103,23 +104,7 @@ def preload_dbt() -> None:
     # query results, sqlparse): ~0.4 s of each forked build at 1M contacts left to the child.
     for module in _PRELOADED_MODULES:
         importlib.import_module(module)
-    from dbt.adapters.factory import reset_adapters
-    from dbt.cli.main import dbtRunner
-
-    saved = dict(os.environ)
-    try:
-        with tempfile.TemporaryDirectory(prefix="presend-dbt-warmup-") as tmp:
-            os.environ.update(dbt_env() | {"DBT_TARGET_PATH": tmp, "DBT_LOG_PATH": tmp})
-            args = ["--quiet", "parse", "--no-partial-parse", "--no-write-json"]
-            with contextlib.suppress(Exception):  # a broken config: it still warms up most
-                args += ["--vars", dbt_vars()]
-            parsed = dbtRunner().invoke(args)  # it only warms dbt up: a failure does not matter
-        _compile_macro_templates(parsed.result)
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
-        reset_adapters()
-        gc.collect()  # the parse's garbage, before forks inherit it
+    parse_for_forks()
 
 
 _preloaded = False
@@ -129,6 +114,79 @@ _PRELOADED_MODULES = (
     "dbt_common.clients.agate_helper",
     "sqlparse",
 )
+
+
+def parse_for_forks(extra_vars: dict | None = None) -> None:
+    """Parse the project in this process with these vars and keep the manifest for the dbt
+    processes it forks: while no project file, var or dbt setting of the environment
+    changes, a forked build, run or test takes it and does not parse (~1 s of each sync at
+    1M contacts: reading dbt's partial-parse state and writing a manifest first). Any
+    change and the fork parses as before. Also compiles every macro's template (forks
+    inherit dbt's template cache). A project that does not parse keeps nothing: the fork
+    reports its errors. The parse writes only to a temporary folder and opens no warehouse
+    connection.
+    """
+    global _parsed
+    from dbt.adapters.factory import reset_adapters
+    from dbt.cli.main import dbtRunner
+
+    _parsed = None
+    saved, cwd = dict(os.environ), os.getcwd()
+    try:
+        with tempfile.TemporaryDirectory(prefix="presend-dbt-warmup-") as tmp:
+            env = dbt_env() | {"DBT_TARGET_PATH": tmp, "DBT_LOG_PATH": tmp}
+            os.environ.update(env)
+            args = ["--quiet", "parse", "--no-partial-parse", "--no-write-json"]
+            vars_json = None
+            with contextlib.suppress(Exception):  # a broken config: it still warms dbt up
+                vars_json = dbt_vars(extra_vars)
+                args += ["--vars", vars_json]
+            key = _manifest_key(env, vars_json or "")
+            parsed = dbtRunner().invoke(args)
+        _compile_macro_templates(parsed.result)
+        if parsed.success and vars_json and _manifest_key(env, vars_json) == key:
+            _parsed = (key, parsed.result)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+        os.chdir(cwd)
+        reset_adapters()
+        gc.collect()  # the parse's garbage, before forks inherit it
+
+
+_parsed: tuple[str, object] | None = None
+# Settings that do not change what dbt parses (where it writes, how much it logs).
+_UNPARSED_ENV = ("DBT_TARGET_PATH", "DBT_LOG_PATH", "DBT_LOG_LEVEL", "DBT_LOG_LEVEL_FILE")
+
+
+def _manifest_key(env: dict[str, str], vars_json: str) -> str:
+    """What a parsed manifest depends on: every file of the dbt project (by content), the
+    vars, and the dbt and presend settings of the environment (profile, target, warehouse);
+    other environment variables the project reads are checked against the manifest's."""
+    digest = hashlib.sha256(vars_json.encode())
+    for name in sorted(env):
+        if name.startswith(("DBT_", "PRESEND_")) and name not in _UNPARSED_ENV:
+            digest.update(f"{name}={env[name]}\0".encode())
+    root = settings.DBT_PROJECT_DIR
+    for path in sorted(root.rglob("*")):
+        relative = path.relative_to(root)
+        if relative.parts[0] in ("target", "logs", "dbt_packages") or not path.is_file():
+            continue
+        digest.update(f"{relative}\0".encode() + path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+def _kept_manifest(argv: list[str], env: dict[str, str]) -> object | None:
+    """The manifest parse_for_forks kept, if it fits this command: none for commands that
+    are there to parse (parse, compile, docs, ...) or after anything it depends on changed."""
+    if _parsed is None or argv[0] not in ("build", "run", "test") or "--vars" not in argv:
+        return None
+    key, manifest = _parsed
+    if _manifest_key(env, argv[argv.index("--vars") + 1]) != key:
+        return None
+    # The environment variables the project's files read (env_var()), as dbt recorded them.
+    read = getattr(manifest, "env_vars", {})
+    return manifest if all(env.get(name) == value for name, value in read.items()) else None
 
 
 def _compile_macro_templates(manifest: object) -> None:
@@ -180,6 +238,7 @@ def run_dbt(
 def _run_forked(argv: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
     """dbtRunner in a forked child; its stdout and stderr come back through a pipe."""
     preload_dbt()
+    manifest = _kept_manifest(argv, env)
     read_end, write_end = os.pipe()
     # What this process holds (dbt's modules, ...) moves to the permanent generation: the
     # child's garbage collector would otherwise walk it on every collection, and touching it
@@ -190,7 +249,7 @@ def _run_forked(argv: list[str], env: dict[str, str]) -> subprocess.CompletedPro
         pid = os.fork()
         if pid == 0:  # the child: never returns
             os.close(read_end)
-            _dbt_child(argv, env, write_end, parent)
+            _dbt_child(argv, env, write_end, parent, manifest)
     finally:
         gc.unfreeze()
     os.close(write_end)
@@ -200,7 +259,9 @@ def _run_forked(argv: list[str], env: dict[str, str]) -> subprocess.CompletedPro
     return subprocess.CompletedProcess(["dbt", *argv], os.waitstatus_to_exitcode(status), text)
 
 
-def _dbt_child(argv: list[str], env: dict[str, str], output_fd: int, parent: int) -> None:
+def _dbt_child(
+    argv: list[str], env: dict[str, str], output_fd: int, parent: int, manifest: object | None
+) -> None:
     code = 2
     try:
         # Killed with the process that forked it (e.g. a task Airflow stops), so no dbt is
@@ -222,7 +283,7 @@ def _dbt_child(argv: list[str], env: dict[str, str], output_fd: int, parent: int
 
         inherited = set(mp_util._finalizer_registry)
         try:
-            result = dbtRunner().invoke(argv)
+            result = dbtRunner(manifest=manifest).invoke(argv)
         finally:
             # dbt's locks are named semaphores of a "spawn" context, unlinked by finalizers
             # that run at interpreter exit, which os._exit skips: run those made here.
