@@ -1,13 +1,19 @@
-{#- One row per element of a JSON array (column `value`), for a lateral join. -#}
-{% macro json_array_rows(expression) -%}
-    {{ return(adapter.dispatch('json_array_rows', 'presend')(expression)) }}
+{#-
+  One row per element of a JSON array, as a select-list expression (a set-returning
+  function): `select source.id, {{ json_array_elements("source.record -> 'items'") }} as item`.
+  Not a lateral join: DuckDB plans `cross join lateral json_each(...)` as a join on the whole
+  correlated JSON document (hashing every record); its unnest needs no join (2M orders'
+  line items: 26 s -> 4.5 s). A null or empty array gives no row.
+-#}
+{% macro json_array_elements(expression) -%}
+    {{ return(adapter.dispatch('json_array_elements', 'presend')(expression)) }}
 {%- endmacro %}
 
-{% macro default__json_array_rows(expression) -%}
-    json_each({{ expression }})
+{% macro default__json_array_elements(expression) -%}
+    unnest(cast({{ expression }} as json[]))
 {%- endmacro %}
 
-{% macro postgres__json_array_rows(expression) -%}
+{% macro postgres__json_array_elements(expression) -%}
     json_array_elements({{ expression }})
 {%- endmacro %}
 

@@ -20,23 +20,35 @@ source as (
 
 ),
 
+line_items as (
+
+    select
+        source.id,
+        -- The order's, as in stg_shop__orders: sales per product then need no join of
+        -- every line with its order. Read once per order, before its lines fan out.
+        {{ iso_to_utc("source.record ->> 'created_at'") }} as order_created_at,
+        source.record ->> 'cancelled_at' is not null as is_order_cancelled,
+        source._loaded_at,
+        {{ json_array_elements("source.record -> 'line_items'") }} as line_item
+
+    from source
+
+),
+
 lines as (
 
     select
-        cast(line_item.value ->> 'id' as {{ dbt.type_string() }}) as order_line_id,
-        cast(source.id as {{ dbt.type_string() }}) as order_id,
-        cast(line_item.value ->> 'product_id' as {{ dbt.type_string() }}) as product_id,
-        line_item.value ->> 'title' as title,
-        cast(line_item.value ->> 'quantity' as integer) as quantity,
-        cast(line_item.value ->> 'price' as decimal(18, 2)) as price,
-        -- The order's, as in stg_shop__orders: sales per product then need no join of
-        -- every line with its order.
-        {{ iso_to_utc("source.record ->> 'created_at'") }} as order_created_at,
-        source.record ->> 'cancelled_at' is not null as is_order_cancelled,
-        source._loaded_at as loaded_at
+        cast(line_item ->> 'id' as {{ dbt.type_string() }}) as order_line_id,
+        cast(id as {{ dbt.type_string() }}) as order_id,
+        cast(line_item ->> 'product_id' as {{ dbt.type_string() }}) as product_id,
+        line_item ->> 'title' as title,
+        cast(line_item ->> 'quantity' as integer) as quantity,
+        cast(line_item ->> 'price' as decimal(18, 2)) as price,
+        order_created_at,
+        is_order_cancelled,
+        _loaded_at as loaded_at
 
-    from source
-    cross join lateral {{ json_array_rows("source.record -> 'line_items'") }} as line_item
+    from line_items
 
 )
 

@@ -23,20 +23,38 @@ refunds as (
 
     select
         source.id as order_id,
+        {{ json_array_elements("source.record -> 'refunds'") }} as refund
+
+    from source
+
+),
+
+refund_transactions as (
+
+    select
+        order_id,
+        {{ json_array_elements("refund -> 'transactions'") }} as refund_transaction
+
+    from refunds
+
+),
+
+refunded as (
+
+    select
+        order_id,
         sum(
             case
                 when
-                    refund_transaction.value ->> 'kind' = 'refund'
-                    and refund_transaction.value ->> 'status' = 'success'
-                    then cast(refund_transaction.value ->> 'amount' as decimal(18, 2))
+                    refund_transaction ->> 'kind' = 'refund'
+                    and refund_transaction ->> 'status' = 'success'
+                    then cast(refund_transaction ->> 'amount' as decimal(18, 2))
                 else 0
             end
         ) as refunded_amount
 
-    from source
-    cross join lateral {{ json_array_rows("source.record -> 'refunds'") }} as refund
-    cross join lateral {{ json_array_rows("refund.value -> 'transactions'") }} as refund_transaction
-    group by source.id
+    from refund_transactions
+    group by order_id
 
 ),
 
@@ -53,11 +71,11 @@ renamed as (
         source.record ->> 'financial_status' as financial_status,
         source.record ->> 'currency' as currency,
         cast(source.record ->> 'total_price' as decimal(18, 2)) as total_price,
-        coalesce(refunds.refunded_amount, 0) as refunded_amount,
+        coalesce(refunded.refunded_amount, 0) as refunded_amount,
         source._loaded_at as loaded_at
 
     from source
-    left join refunds on source.id = refunds.order_id
+    left join refunded on source.id = refunded.order_id
 
 )
 

@@ -6,16 +6,24 @@ source as (
 
 ),
 
-variants as (
+product_variants as (
 
     select
         source.id as product_id,
-        cast(variant.value ->> 'price' as decimal(18, 2)) as price,
-        coalesce(cast(variant.value ->> 'inventory_quantity' as integer), 0)
-            as inventory_quantity
+        {{ json_array_elements("source.record -> 'variants'") }} as variant
 
     from source
-    cross join lateral {{ json_array_rows("source.record -> 'variants'") }} as variant
+
+),
+
+variants as (
+
+    select
+        product_id,
+        cast(variant ->> 'price' as decimal(18, 2)) as price,
+        coalesce(cast(variant ->> 'inventory_quantity' as integer), 0) as inventory_quantity
+
+    from product_variants
 
 ),
 
