@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import duckdb
+import pytest
 
 from presend import load, settings, transform, warehouse
 
@@ -202,3 +203,25 @@ def test_a_build_takes_the_manifest_parsed_before_the_fork_until_a_project_file_
     with duckdb.connect(str(settings.warehouse_path()), read_only=True) as con:
         columns = [row[0] for row in con.execute("describe main.stg_shop__products").fetchall()]
     assert "added" in columns
+
+
+@pytest.mark.timeout(300)
+def test_a_fork_parses_a_model_simple_enough_for_dbts_static_parser(
+    data_dir, monkeypatch, tmp_path
+):
+    """dbt's static parser hangs in a process forked from one that used it (as every parse
+    does), on a model calling config() and ref(): a forked parse must not use it."""
+    project = tmp_path / "dbt_project"
+    shutil.copytree(
+        settings.DBT_PROJECT_DIR, project, ignore=shutil.ignore_patterns("target", "logs")
+    )
+    (project / "models" / "marts" / "plain_products.sql").write_text(
+        "{{ config(materialized='view') }}\nselect * from {{ ref('stg_shop__products') }}\n"
+    )
+    monkeypatch.setattr(settings, "DBT_PROJECT_DIR", project)
+    monkeypatch.setattr(transform, "_parsed", transform._parsed)  # restored afterwards
+    transform.parse_for_forks()
+    parsed = transform.run_dbt("parse")
+    assert parsed.returncode == 0, parsed.stdout[-2000:]
+    manifest = json.loads((transform.target_dir() / "manifest.json").read_text())
+    assert "model.presend.plain_products" in manifest["nodes"]

@@ -148,7 +148,8 @@ def dbt_task_group(group_id: str = "dbt"):
     from cosmos.constants import SourceRenderingBehavior, TestBehavior
 
     env = transform.dbt_env()
-    keys = ("PRESEND_WAREHOUSE", "DBT_LOG_PATH", "DBT_LOG_LEVEL_FILE", *settings.TELEMETRY_OFF)
+    keys = ("PRESEND_WAREHOUSE", "DBT_LOG_PATH", "DBT_LOG_LEVEL_FILE", "DBT_STATIC_PARSER")
+    keys += tuple(settings.TELEMETRY_OFF)
     dbt_env = {k: env[k] for k in keys if k in env}
     mode = ExecutionMode(execution_mode_name())
     group = DbtTaskGroup(
