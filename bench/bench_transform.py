@@ -108,10 +108,13 @@ select
 from range({start}, {stop}) as t(i)
 """
 
+# Events arrive in the order they happened, as presend's extractor pages them (by their
+# occurred_at cursor) into the raw table: `window` seconds up to a minute before `as_of`.
 EVENTS_SELECT = """
 select
     'e' || i as id,
-    timestamp '{as_of}' - to_seconds(hash(i, 1) % {window}) - interval 1 minute as occurred_at,
+    timestamp '{as_of}' - interval 1 minute
+        - to_seconds(({stop} - 1 - i) * {window} // ({stop} - {start})) as occurred_at,
     json_object(
         'id', 'e' || i,
         'type', ['product_viewed', 'added_to_cart', 'email_opened'][i % 3 + 1],
@@ -240,22 +243,24 @@ def _state_copy() -> Path:
     return settings.data_dir() / "before_incremental.duckdb"
 
 
+def _copy_to_disk(source: Path, target: Path) -> None:
+    """Copy and fsync: on disk before the next build starts, else the build's first checkpoint
+    (an fsync) pays for writing back the whole copy (~0.6-0.9 s at 1M contacts), which no
+    real sync does."""
+    shutil.copy(source, target)
+    with open(target, "rb+") as copy:
+        os.fsync(copy.fileno())
+
+
 def save_state() -> None:
     with duckdb.connect(str(settings.warehouse_path())):
         pass  # closing checkpoints: the file alone holds everything
-    shutil.copy(settings.warehouse_path(), _state_copy())
-    with open(_state_copy(), "rb+") as copy:
-        os.fsync(copy.fileno())  # not written back in the background of the next build
+    _copy_to_disk(settings.warehouse_path(), _state_copy())
 
 
 def restore_state() -> None:
-    wal = Path(f"{settings.warehouse_path()}.wal")
-    wal.unlink(missing_ok=True)
-    shutil.copy(_state_copy(), settings.warehouse_path())
-    # On disk before the build starts: otherwise the build's first checkpoint (an fsync) pays
-    # for writing back the whole copy (~0.6-0.9 s at 1M contacts), which no real sync does.
-    with open(settings.warehouse_path(), "rb+") as copy:
-        os.fsync(copy.fileno())
+    Path(f"{settings.warehouse_path()}.wal").unlink(missing_ok=True)
+    _copy_to_disk(_state_copy(), settings.warehouse_path())
 
 
 def incremental_runs(repeat: int) -> tuple[float, float, tuple]:
