@@ -8,6 +8,7 @@
     pre_hook="{{ delete_affected_contacts() }}",
 ) }}
 -- depends_on: {{ ref('int_affected_contacts') }}
+-- depends_on: {{ ref('int_identity__contact_order_lines') }}
 with
 
 identity as (
@@ -38,19 +39,12 @@ carted as (
 ordered as (
 
     select
-        orders.contact_id,
-        order_lines.product_id,
-        max(orders.created_at) as last_ordered_at
+        contact_id,
+        product_id,
+        max(created_at) as last_ordered_at
 
-    from {{ ref('int_identity__contact_orders') }} as orders
-    inner join {{ ref('stg_shop__order_lines') }} as order_lines
-        on orders.order_id = order_lines.order_id
-    where
-        not orders.is_cancelled and orders.created_at <= {{ as_of() }}
-    {% if is_incremental() %}
-        and orders.contact_id in {{ affected_contacts() }}
-    {% endif %}
-    group by orders.contact_id, order_lines.product_id
+    from {{ contact_order_lines() }} as order_lines
+    group by contact_id, product_id
 
 ),
 

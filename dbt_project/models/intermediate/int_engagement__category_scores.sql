@@ -9,6 +9,7 @@
     pre_hook="{{ delete_affected_contacts() }}",
 ) }}
 -- depends_on: {{ ref('int_affected_contacts') }}
+-- depends_on: {{ ref('int_identity__contact_order_lines') }}
 {% set weights = var('engagement_weights') -%}
 with
 
@@ -48,21 +49,13 @@ events as (
 purchases as (
 
     select
-        orders.contact_id,
-        order_lines.product_id,
-        orders.created_at as occurred_at,
+        contact_id,
+        product_id,
+        created_at as occurred_at,
         {{ weights['purchased'] }} as weight
 
-    from {{ ref('int_identity__contact_orders') }} as orders
-    inner join {{ ref('stg_shop__order_lines') }} as order_lines
-        on orders.order_id = order_lines.order_id
-    where
-        not orders.is_cancelled
-        and orders.created_at > {{ dbt.dateadd('day', -90, as_of()) }}
-        and orders.created_at <= {{ as_of() }}
-    {% if is_incremental() %}
-        and orders.contact_id in {{ affected_contacts() }}
-    {% endif %}
+    from {{ contact_order_lines() }} as order_lines
+    where created_at > {{ dbt.dateadd('day', -90, as_of()) }}
 
 ),
 

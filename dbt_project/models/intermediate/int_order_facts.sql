@@ -10,6 +10,7 @@
     pre_hook="{{ delete_affected_contacts() }}",
 ) }}
 -- depends_on: {{ ref('int_affected_contacts') }}
+-- depends_on: {{ ref('int_identity__contact_order_lines') }}
 with
 
 contact_orders as (
@@ -26,14 +27,12 @@ contact_orders as (
 recent_products as (
 
     select
-        contact_orders.contact_id,
-        count(distinct order_lines.product_id) as products_bought_90d
+        contact_id,
+        count(distinct product_id) as products_bought_90d
 
-    from contact_orders
-    inner join {{ ref('stg_shop__order_lines') }} as order_lines
-        on contact_orders.order_id = order_lines.order_id
-    where contact_orders.created_at > {{ dbt.dateadd('day', -90, as_of()) }}
-    group by contact_orders.contact_id
+    from {{ contact_order_lines() }} as order_lines
+    where created_at > {{ dbt.dateadd('day', -90, as_of()) }}
+    group by contact_id
 
 ),
 

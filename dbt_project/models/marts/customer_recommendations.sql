@@ -11,6 +11,7 @@
     pre_hook="{{ delete_affected_contacts() }}",
 ) }}
 -- depends_on: {{ ref('int_affected_contacts') }}
+-- depends_on: {{ ref('int_identity__contact_order_lines') }}
 with
 
 profiles as (
@@ -34,19 +35,11 @@ products as (
 bought as (
 
     select distinct
-        orders.contact_id,
-        order_lines.product_id
+        contact_id,
+        product_id
 
-    from {{ ref('int_identity__contact_orders') }} as orders
-    inner join {{ ref('stg_shop__order_lines') }} as order_lines
-        on orders.order_id = order_lines.order_id
-    where
-        not orders.is_cancelled
-        and orders.created_at > {{ dbt.dateadd('day', -90, as_of()) }}
-        and orders.created_at <= {{ as_of() }}
-    {% if is_incremental() %}
-        and orders.contact_id in {{ affected_contacts() }}
-    {% endif %}
+    from {{ contact_order_lines() }} as order_lines
+    where created_at > {{ dbt.dateadd('day', -90, as_of()) }}
 
 ),
 
