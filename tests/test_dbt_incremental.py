@@ -325,3 +325,18 @@ def test_a_null_primary_key_fails_its_test(data_dir):
     proc = transform.run_dbt("test", "--select", "int_product_sales", extra_vars=VARS)
     assert proc.returncode == 1
     assert "FAIL 1 primary_key_int_product_sales_product_id" in proc.stdout
+
+
+def test_a_copy_of_a_snapshot_version_fails_the_version_id_test(data_dir):
+    """The snapshot's dbt_scd_id test reads the versions the last run wrote (1M versions would
+    cost every run a third of a second): a second copy of one of them fails it."""
+    load_duckdb_fixture()
+    transform.build(extra_vars=VARS)
+    with warehouse.connect() as con:
+        con.execute(
+            "insert into snapshots.customer_profile_snapshot "
+            "select * from snapshots.customer_profile_snapshot limit 1"
+        )
+    proc = transform.run_dbt("test", "--select", "customer_profile_snapshot", extra_vars=VARS)
+    assert proc.returncode == 1, proc.stdout[-2000:]
+    assert "FAIL 1 unique_customer_profile_snapshot_dbt_scd_id" in proc.stdout
