@@ -234,6 +234,34 @@ recently_bought as (
 
 ),
 
+shallowest_change as (
+
+    select min(changed_rank) as changed_rank
+    from (
+        select changed_rank from store_list_change
+        union all
+        select changed_rank from category_list_changes
+    ) as list_changes
+
+),
+
+{#-
+  The contacts whose bought count takes them down to the shallowest changed rank of any
+  list: the only ones a change below the top 3 can reach (few, unless a top rank changed),
+  so the 1M previous profiles meet a small table, not every contact's count.
+-#}
+deep_readers as (
+
+    select
+        recently_bought.contact_id,
+        recently_bought.bought_count
+
+    from recently_bought
+    cross join shallowest_change
+    where 3 + recently_bought.bought_count >= shallowest_change.changed_rank
+
+),
+
 recommendations_changed as (
 
     select previous_profiles.contact_id
@@ -241,11 +269,11 @@ recommendations_changed as (
     cross join store_list_change
     left join category_list_changes
         on previous_profiles.favorite_category = category_list_changes.category
-    left join recently_bought
-        on previous_profiles.contact_id = recently_bought.contact_id
+    left join deep_readers
+        on previous_profiles.contact_id = deep_readers.contact_id
     where
-        3 + coalesce(recently_bought.bought_count, 0) >= store_list_change.changed_rank
-        or 3 + coalesce(recently_bought.bought_count, 0) >= category_list_changes.changed_rank
+        3 + coalesce(deep_readers.bought_count, 0) >= store_list_change.changed_rank
+        or 3 + coalesce(deep_readers.bought_count, 0) >= category_list_changes.changed_rank
 
 ),
 
