@@ -283,19 +283,25 @@ def test_a_changed_merge_field_default_reaches_every_contact_without_a_full_refr
     assert merge_fields_duckdb()["3"][1:3] == ("friend", "member")
 
 
-def test_an_incremental_run_tests_new_rows_against_the_whole_table(data_dir):
-    """Data tests of big tables check only the rows loaded since the last transform, but a
-    new row whose key an older row already holds still fails the uniqueness test."""
+def _build_then_write(sql: str, *params: object) -> None:
+    """Build the fixture, then change the warehouse behind dbt's back (a loader bug, a bad
+    row) with `sql`."""
     load_duckdb_fixture()
     transform.build(extra_vars=VARS)
     with warehouse.connect() as con:
-        # A later load writes an order again (a loader bug): the old row is not rewritten.
-        con.execute(
-            "insert into raw.shop_orders select * replace "
-            "('fixture-2' as _landing_file, ?::timestamp as _loaded_at) "
-            "from raw.shop_orders where id = (select min(id) from raw.shop_orders)",
-            [LATER],
-        )
+        con.execute(sql, list(params))
+
+
+def test_an_incremental_run_tests_new_rows_against_the_whole_table(data_dir):
+    """Data tests of big tables check only the rows loaded since the last transform, but a
+    new row whose key an older row already holds still fails the uniqueness test."""
+    # A later load writes an order again (a loader bug): the old row is not rewritten.
+    _build_then_write(
+        "insert into raw.shop_orders select * replace "
+        "('fixture-2' as _landing_file, ?::timestamp as _loaded_at) "
+        "from raw.shop_orders where id = (select min(id) from raw.shop_orders)",
+        LATER,
+    )
     with pytest.raises(transform.DbtBuildError, match="source_primary_key_shop_shop_orders_id"):
         transform.build(extra_vars=VARS)
 
@@ -304,24 +310,18 @@ def test_an_event_loaded_twice_in_one_load_fails_its_test(data_dir):
     """raw.events' key test reads only the events loaded since the last transform (all 10M
     ids would cost every run a third of a second at 1M contacts): two copies of one new event
     fail it."""
-    load_duckdb_fixture()
-    transform.build(extra_vars=VARS)
-    with warehouse.connect() as con:
-        new_event = (
-            "select 'e-twice', occurred_at, record, 'fixture-2', ?::timestamp "
-            "from raw.events where id = (select min(id) from raw.events)"
-        )
-        con.execute(f"insert into raw.events {new_event} union all {new_event}", [LATER, LATER])
+    new_event = (
+        "select 'e-twice', occurred_at, record, 'fixture-2', ?::timestamp "
+        "from raw.events where id = (select min(id) from raw.events)"
+    )
+    _build_then_write(f"insert into raw.events {new_event} union all {new_event}", LATER, LATER)
     with pytest.raises(transform.DbtBuildError, match="source_primary_key_analytics_events_id"):
         transform.build(extra_vars=VARS)
 
 
 def test_a_null_primary_key_fails_its_test(data_dir):
     """primary_key (one test for not_null and unique) fails on a row without a key."""
-    load_duckdb_fixture()
-    transform.build(extra_vars=VARS)
-    with warehouse.connect() as con:
-        con.execute("insert into int_product_sales (product_id, title) values (null, 'no key')")
+    _build_then_write("insert into int_product_sales (product_id, title) values (null, 'no key')")
     proc = transform.run_dbt("test", "--select", "int_product_sales", extra_vars=VARS)
     assert proc.returncode == 1
     assert "FAIL 1 primary_key_int_product_sales_product_id" in proc.stdout
@@ -330,13 +330,10 @@ def test_a_null_primary_key_fails_its_test(data_dir):
 def test_a_copy_of_a_snapshot_version_fails_the_version_id_test(data_dir):
     """The snapshot's dbt_scd_id test reads the versions the last run wrote (1M versions would
     cost every run a third of a second): a second copy of one of them fails it."""
-    load_duckdb_fixture()
-    transform.build(extra_vars=VARS)
-    with warehouse.connect() as con:
-        con.execute(
-            "insert into snapshots.customer_profile_snapshot "
-            "select * from snapshots.customer_profile_snapshot limit 1"
-        )
+    _build_then_write(
+        "insert into snapshots.customer_profile_snapshot "
+        "select * from snapshots.customer_profile_snapshot limit 1"
+    )
     proc = transform.run_dbt("test", "--select", "customer_profile_snapshot", extra_vars=VARS)
     assert proc.returncode == 1, proc.stdout[-2000:]
     assert "FAIL 1 unique_customer_profile_snapshot_dbt_scd_id" in proc.stdout
