@@ -30,6 +30,19 @@
 {%- endmacro %}
 
 {#-
+  Post-hook of esp_merge_fields: it has rewritten the affected contacts, which are consumed.
+  The list moves to int_affected_contacts__consumed, where the tests of esp_merge_fields
+  find the rows this build wrote (`__consumed_contacts__`, macros/tests_scope.sql), and
+  int_affected_contacts starts the next run empty.
+-#}
+{% macro consume_affected_contacts() -%}
+    {%- set consumed = transform_state_relation('consumed') -%}
+    drop table if exists {{ consumed }};
+    create table {{ consumed }} as select contact_id from {{ ref('int_affected_contacts') }};
+    delete from {{ ref('int_affected_contacts') }}
+{%- endmacro %}
+
+{#-
   A relation of the transform's own schema as it is now in the warehouse, or none while it
   does not exist (not a ref: models read it before it runs; tests, which have no `this`, too).
 -#}

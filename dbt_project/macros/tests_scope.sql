@@ -8,6 +8,9 @@
                            a key with a new row: "id in (select id from __relation__ where …)"
     __affected_contacts__  a condition: the row's contact_id is one this run recomputes
                            (int_affected_contacts), e.g. where: "__affected_contacts__"
+    __consumed_contacts__  a condition: the row's contact_id is one the last build of
+                           esp_merge_fields rewrote (its post-hook consumes
+                           int_affected_contacts, before its tests run)
 
   Rows outside are the ones earlier runs wrote and tested, and stay untouched: incremental
   models rewrite a contact's rows, or a loaded row, whole (delete+insert). A run whose tests
@@ -27,6 +30,10 @@
     {%- endif -%}
     {%- if '__affected_contacts__' in where -%}
         {%- set where = where | replace('__affected_contacts__', affected_contacts_in_run()) -%}
+    {%- endif -%}
+    {%- if '__consumed_contacts__' in where -%}
+        {%- set where = where | replace(
+            '__consumed_contacts__', contacts_in_run('int_affected_contacts__consumed')) -%}
     {%- endif -%}
     {%- set filtered -%}
         (select * from {{ relation }} where {{ where }}) dbt_subquery
@@ -50,9 +57,15 @@
 
 {#- A condition: contact_id is one this run recomputes; every row when unknown. -#}
 {% macro affected_contacts_in_run() -%}
-    {%- set affected = existing_relation('int_affected_contacts') -%}
-    {%- if not execute or flags.FULL_REFRESH or affected is none -%}
+    {{ return(contacts_in_run('int_affected_contacts')) }}
+{%- endmacro %}
+
+{#- A condition: contact_id is listed in the table `name`; every row when unknown (a full
+    refresh, or a table dbt's relation cache does not know: the first run creates it). -#}
+{% macro contacts_in_run(name) -%}
+    {%- set listed = existing_relation(name) -%}
+    {%- if not execute or flags.FULL_REFRESH or listed is none -%}
         {{ return('true') }}
     {%- endif -%}
-    {{ return('contact_id in (select contact_id from ' ~ affected ~ ')') }}
+    {{ return('contact_id in (select contact_id from ' ~ listed ~ ')') }}
 {%- endmacro %}

@@ -3,15 +3,15 @@
   valid email, owner of that email), with the ESP's merge fields. No merge field is null:
   unknown values take the defaults configured in config/presend.yml (merge_field_defaults),
   or the empty value the contract names (0, 0.00, empty string).
-  Incremental: a run rewrites only the contacts in int_affected_contacts, then empties that
-  list (they are consumed: the next run starts from its own changes).
+  Incremental: a run rewrites only the contacts in int_affected_contacts, then consumes that
+  list (the next run starts from its own changes; its tests read the consumed list).
 -#}
 {{ config(
     materialized='incremental',
     incremental_strategy='append',
     on_schema_change='fail',
     pre_hook="{{ delete_affected_contacts() }}",
-    post_hook="delete from {{ ref('int_affected_contacts') }}",
+    post_hook="{{ consume_affected_contacts() }}",
 ) }}
 -- depends_on: {{ ref('int_affected_contacts') }}
 {% set merge_fields = [
