@@ -15,12 +15,8 @@ with
 
 contact_orders as (
 
-    select * from {{ ref('int_identity__contact_orders') }}
-    where
-        not is_cancelled and created_at <= {{ as_of() }}
-    {% if is_incremental() %}
-        and contact_id in {{ affected_contacts() }}
-    {% endif %}
+    select * from ({{ contact_orders_query(affected_only=is_incremental()) }}) as orders
+    where not is_cancelled and created_at <= {{ as_of() }}
 
 ),
 
