@@ -225,3 +225,21 @@ def test_a_fork_parses_a_model_simple_enough_for_dbts_static_parser(
     assert parsed.returncode == 0, parsed.stdout[-2000:]
     manifest = json.loads((transform.target_dir() / "manifest.json").read_text())
     assert "model.presend.plain_products" in manifest["nodes"]
+
+
+def test_the_pipelines_build_writes_run_results_and_leaves_the_manifest_alone(
+    data_dir, monkeypatch
+):
+    """transform.build (a fork) writes run_results.json, which it reports from, and leaves
+    manifest.json as `dbt parse` wrote it (serialising it would cost every build ~0.17 s)."""
+    monkeypatch.setenv("PRESEND_DBT_FORK", "1")
+    with warehouse.connect() as con:  # the raw tables, empty
+        load.ensure_schema(con)
+    assert transform.run_dbt("parse").returncode == 0
+    manifest = transform.target_dir() / "manifest.json"
+    parsed = manifest.stat().st_mtime_ns
+    transform.build(*transform.SYNC_BUILD_ARGS)
+    results = json.loads((transform.target_dir() / "run_results.json").read_text())
+    assert {r["status"] for r in results["results"]} <= {"success", "pass"}
+    assert "model.presend.esp_merge_fields" in {r["unique_id"] for r in results["results"]}
+    assert manifest.stat().st_mtime_ns == parsed
