@@ -4,6 +4,7 @@ esp_merge_fields a `--full-refresh` gives; the snapshot keeps the profile's hist
 from __future__ import annotations
 
 import json
+import subprocess
 from decimal import Decimal
 
 import duckdb
@@ -292,6 +293,13 @@ def _build_then_write(sql: str, *params: object) -> None:
         con.execute(sql, list(params))
 
 
+def _tests_after_write(model: str, sql: str) -> subprocess.CompletedProcess:
+    """Build the fixture, change the warehouse behind dbt's back with `sql`, then run the data
+    tests of `model`."""
+    _build_then_write(sql)
+    return transform.run_dbt("test", "--select", model, extra_vars=VARS)
+
+
 def test_an_incremental_run_tests_new_rows_against_the_whole_table(data_dir):
     """Data tests of big tables check only the rows loaded since the last transform, but a
     new row whose key an older row already holds still fails the uniqueness test."""
@@ -321,8 +329,10 @@ def test_an_event_loaded_twice_in_one_load_fails_its_test(data_dir):
 
 def test_a_null_primary_key_fails_its_test(data_dir):
     """primary_key (one test for not_null and unique) fails on a row without a key."""
-    _build_then_write("insert into int_product_sales (product_id, title) values (null, 'no key')")
-    proc = transform.run_dbt("test", "--select", "int_product_sales", extra_vars=VARS)
+    proc = _tests_after_write(
+        "int_product_sales",
+        "insert into int_product_sales (product_id, title) values (null, 'no key')",
+    )
     assert proc.returncode == 1
     assert "FAIL 1 primary_key_int_product_sales_product_id" in proc.stdout
 
@@ -330,11 +340,11 @@ def test_a_null_primary_key_fails_its_test(data_dir):
 def test_a_copy_of_a_snapshot_version_fails_the_version_id_test(data_dir):
     """The snapshot's dbt_scd_id test reads the versions the last run wrote (1M versions would
     cost every run a third of a second): a second copy of one of them fails it."""
-    _build_then_write(
+    proc = _tests_after_write(
+        "customer_profile_snapshot",
         "insert into snapshots.customer_profile_snapshot "
-        "select * from snapshots.customer_profile_snapshot limit 1"
+        "select * from snapshots.customer_profile_snapshot limit 1",
     )
-    proc = transform.run_dbt("test", "--select", "customer_profile_snapshot", extra_vars=VARS)
     assert proc.returncode == 1, proc.stdout[-2000:]
     assert "FAIL 1 unique_customer_profile_snapshot_dbt_scd_id" in proc.stdout
 
@@ -344,11 +354,11 @@ def test_a_second_contact_with_an_email_the_run_wrote_warns(data_dir):
     int_affected_contacts), not all 1M rows each run; a row of another contact that shares
     the email of one of them still trips the email's uniqueness test (a warning: the quality
     gate quarantines such contacts)."""
-    _build_then_write(
+    proc = _tests_after_write(
+        "esp_merge_fields",
         "insert into esp_merge_fields select * replace ('someone-else' as contact_id) "
-        "from esp_merge_fields where contact_id = (select min(contact_id) from esp_merge_fields)"
+        "from esp_merge_fields where contact_id = (select min(contact_id) from esp_merge_fields)",
     )
-    proc = transform.run_dbt("test", "--select", "esp_merge_fields", extra_vars=VARS)
     assert proc.returncode == 0, proc.stdout[-2000:]
     assert "WARN 1 unique_esp_merge_fields__EMAIL_" in proc.stdout
     assert "PASS unique_esp_merge_fields_contact_id" in proc.stdout
