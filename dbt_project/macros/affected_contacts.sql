@@ -104,15 +104,22 @@
         max(loaded_at) as loaded_watermark,
         {{ state_as_of() }} as as_of,
         cast('{{ transform_config_hash() }}' as {{ dbt.type_string() }}) as config_hash
+    {%- set raw_tables = [
+        ('crm', 'crm_contacts', 'lastmodifieddate', 'properties'),
+        ('shop', 'shop_orders', 'updated_at', 'record'),
+        ('shop', 'shop_products', 'updated_at', 'record'),
+        ('analytics', 'events', 'occurred_at', 'record'),
+    ] -%}
+    {%- set relations = [] -%}
+    {%- for source_name, table_name, cursor, payload in raw_tables -%}
+        {%- do relations.append(source(source_name, table_name)) -%}
+    {%- endfor -%}
+    {%- set existing = raw_tables_existing(relations) %}
     from (
-        {%- for source_name, table_name, cursor, payload in [
-            ('crm', 'crm_contacts', 'lastmodifieddate', 'properties'),
-            ('shop', 'shop_orders', 'updated_at', 'record'),
-            ('shop', 'shop_products', 'updated_at', 'record'),
-            ('analytics', 'events', 'occurred_at', 'record'),
-        ] %}
+        {%- for source_name, table_name, cursor, payload in raw_tables %}
         select max(_loaded_at) as loaded_at
-        from {{ raw_source(source_name, table_name, cursor, payload) }} as raw_{{ loop.index }}
+        from {{ raw_source(source_name, table_name, cursor, payload, existing[loop.index0]) }}
+            as raw_{{ loop.index }}
         {% if not loop.last %}union all{% endif %}
         {%- endfor %}
     ) as newest;
