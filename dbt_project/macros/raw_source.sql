@@ -34,17 +34,12 @@
   question when the caller has asked already (raw_tables_existing).
 -#}
 {% macro raw_table_exists(relation) -%}
-    {%- set found = run_query(
-        "select count(*) from information_schema.tables"
-        ~ " where lower(table_catalog) = lower('" ~ relation.database ~ "')"
-        ~ " and lower(table_schema) = lower('" ~ relation.schema ~ "')"
-        ~ " and lower(table_name) = lower('" ~ relation.identifier ~ "')") -%}
-    {{ return(found.columns[0].values()[0] > 0) }}
+    {{ return(raw_tables_existing([relation])[0]) }}
 {%- endmacro %}
 
 {#-
-  Which of `relations` exist, asked in one query (each question costs dbt ~15 ms of
-  Python): a list of booleans in their order.
+  Which of `relations` exist, asked of the warehouse in one query (each query costs dbt
+  ~15 ms of Python): a list of booleans in their order.
 -#}
 {% macro raw_tables_existing(relations) -%}
     {%- if not execute -%}
