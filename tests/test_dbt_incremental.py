@@ -270,6 +270,32 @@ def test_a_best_seller_change_below_the_top_3_reaches_contacts_who_bought_a_top_
     assert merge_fields_duckdb() == incremental
 
 
+def test_a_change_in_the_top_3_of_a_best_seller_list_reaches_a_contact_without_orders(
+    data_dir,
+):
+    """Every contact reads the top 3 of the store's best sellers and of its favourite
+    category's: Linus, who has no orders (so reads no deeper), gets a change in either."""
+    load_duckdb_fixture()
+    transform.build(extra_vars=VARS)
+
+    def sell_out(product_id: str) -> None:
+        _update_raw(
+            "shop_products",
+            product_id,
+            lambda r: [variant.update(inventory_quantity=0) for variant in r["variants"]],
+        )
+
+    # The Road Shoe sells out: #2 of Shoes (his favourite), only #4 of the store.
+    sell_out("102")
+    assert _run_models()["3"][7:16] == (*_rec(101), *_rec(103), *_rec(104))
+    # The Rain Jacket sells out: #2 of the store, not in his favourite category.
+    sell_out("103")
+    incremental = _run_models()
+    assert incremental["3"][7:16] == (*_rec(101), *_rec(104), *_rec(107))
+    transform.build("--full-refresh", extra_vars=VARS)
+    assert merge_fields_duckdb() == incremental
+
+
 def test_a_changed_merge_field_default_reaches_every_contact_without_a_full_refresh(two_loads):
     transform.build(
         extra_vars=VARS

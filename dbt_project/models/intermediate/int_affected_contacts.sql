@@ -247,8 +247,7 @@ shallowest_change as (
 
 {#-
   The contacts whose bought count takes them down to the shallowest changed rank of any
-  list: the only ones a change below the top 3 can reach (few, unless a top rank changed),
-  so the 1M previous profiles meet a small table, not every contact's count.
+  list: the only ones a change below the top 3 can reach (few, unless a top rank changed).
 -#}
 deep_readers as (
 
@@ -262,18 +261,39 @@ deep_readers as (
 
 ),
 
+{#-
+  Every contact reads the top 3 of the store-wide list and of its favourite category's;
+  only deep readers read further. So the 1M previous profiles are read whole only when the
+  store's top 3 changed, and otherwise meet the categories whose top 3 changed and the deep
+  readers (small tables), not every contact's count.
+#}
 recommendations_changed as (
 
     select previous_profiles.contact_id
     from previous_profiles
+    inner join store_list_change on store_list_change.changed_rank <= 3
+
+    union all
+
+    select previous_profiles.contact_id
+    from previous_profiles
+    inner join category_list_changes
+        on
+            previous_profiles.favorite_category = category_list_changes.category
+            and category_list_changes.changed_rank <= 3
+
+    union all
+
+    select previous_profiles.contact_id
+    from deep_readers
+    inner join previous_profiles
+        on deep_readers.contact_id = previous_profiles.contact_id
     cross join store_list_change
     left join category_list_changes
         on previous_profiles.favorite_category = category_list_changes.category
-    left join deep_readers
-        on previous_profiles.contact_id = deep_readers.contact_id
     where
-        3 + coalesce(deep_readers.bought_count, 0) >= store_list_change.changed_rank
-        or 3 + coalesce(deep_readers.bought_count, 0) >= category_list_changes.changed_rank
+        3 + deep_readers.bought_count >= store_list_change.changed_rank
+        or 3 + deep_readers.bought_count >= category_list_changes.changed_rank
 
 ),
 
