@@ -334,8 +334,8 @@ def build(*args: str, extra_vars: dict | None = None) -> TransformResult:
 
     `args` go to dbt build (e.g. "--full-refresh", "--select", "...").
     """
-    with warehouse.connect():  # checks the pool and creates the file's folder
-        pass
+    # dbt opens the warehouse itself: opening it here too costs ~20-30 ms at 1M contacts.
+    warehouse.prepare_write()
     results_file = target_dir() / "run_results.json"
     results_file.unlink(missing_ok=True)
     proc = run_dbt("build", *args, extra_vars=extra_vars, results_only=True)

@@ -37,6 +37,13 @@ def _check_pool() -> None:
         )
 
 
+def prepare_write() -> None:
+    """What writing the warehouse needs before a process opens it: the `warehouse` pool
+    (checked inside an Airflow task) and the file's folder."""
+    _check_pool()
+    settings.warehouse_path().parent.mkdir(parents=True, exist_ok=True)
+
+
 @contextmanager
 def connect(read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
     """Open the warehouse file; read-write only from inside the `warehouse` pool."""
@@ -45,8 +52,7 @@ def connect(read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
         if not path.exists():
             raise FileNotFoundError(f"warehouse {path} does not exist yet: run the pipeline first")
     else:
-        _check_pool()
-        path.parent.mkdir(parents=True, exist_ok=True)
+        prepare_write()
     con = duckdb.connect(str(path), read_only=read_only)
     try:
         yield con
