@@ -2,12 +2,15 @@
 contacts changed (with 1% more orders and events), on synthetic raw tables shaped like
 docs/raw_tables.md.
 
-    .venv/bin/python bench/bench_transform.py --contacts 1000000 --events 10000000
+    .venv/bin/python bench/bench_transform.py --contacts 1000000 --events 10000000 \
+        --repeat 5 --full-refreshes 3
 
 Prints the seconds of each `dbt build` (models, snapshot and tests, as the pipeline runs it)
 and the ratio incremental / full refresh (the goal: at most 0.10; also in dbt's own time and
-in CPU time), and checks that the incremental path gives the same esp_merge_fields as a full
-refresh.
+in CPU time) of their medians, and checks that the incremental path gives the same
+esp_merge_fields as a full refresh. This machine is shared and its speed drifts over minutes:
+with --full-refreshes, full refreshes alternate with the incremental runs, so the drift falls
+on both sides of the ratio.
 
 Each build runs as the pipeline's transform task runs it under presend's LocalExecutor: a fork
 of a process that has imported dbt, warmed it up and parsed the project with the run's vars
@@ -265,26 +268,35 @@ def restore_state() -> None:
     _copy_to_disk(_state_copy(), settings.warehouse_path())
 
 
-def incremental_runs(repeat: int) -> tuple[float, float, float, tuple]:
-    """`repeat` incremental builds, each from the same saved state: their median times and
-    CPU (the machine is noisy) and the esp_merge_fields they gave (all the same, or exit 1)."""
-    runs, checksums = [], set()
+def incremental_runs(repeat: int, full_refreshes: int = 0) -> tuple[tuple, tuple | None]:
+    """`repeat` incremental builds, each from the same saved state, the first `full_refreshes`
+    of them each followed by a full refresh of the same data (alternating, so the machine's
+    slow and fast minutes fall on both kinds): the medians (seconds of the build, of dbt's own
+    run, of CPU) of each kind. Every build must give the same esp_merge_fields, or exit 1."""
+    runs, fulls, checksums = [], [], set()
     for i in range(repeat):
         if i:
             restore_state()
         runs.append(timed_build("incremental"))
         checksums.add(merge_fields_checksum())
         print(f"incremental after 1% change {runs[-1][0]:8.1f}s  (dbt's own {runs[-1][1]:.1f}s)")
+        if i < full_refreshes:
+            fulls.append(timed_build("full", "--full-refresh"))
+            checksums.add(merge_fields_checksum())
+            print(
+                f"full refresh, same data     {fulls[-1][0]:8.1f}s  (dbt's own {fulls[-1][1]:.1f}s)"
+            )
     if len(checksums) != 1:
-        print(f"incremental runs gave different esp_merge_fields: {checksums}")
+        print(f"the builds gave different esp_merge_fields: {checksums}")
         sys.exit(1)
-    elapsed = statistics.median(r[0] for r in runs)
-    own = statistics.median(r[1] for r in runs)
-    cpu = statistics.median(r[2] for r in runs)
-    if repeat > 1:
-        label = f"incremental, median of {repeat}"
-        print(f"{label:28}{elapsed:8.1f}s  (dbt's own {own:.1f}s)")
-    return elapsed, own, cpu, checksums.pop()
+    incremental = tuple(statistics.median(run[k] for run in runs) for k in range(3))
+    full = tuple(statistics.median(run[k] for run in fulls) for k in range(3)) if fulls else None
+    for label, kind in (("incremental", runs), ("full refresh", fulls)):
+        if len(kind) > 1:
+            wall, own = (statistics.median(run[k] for run in kind) for k in range(2))
+            label = f"{label}, median of {len(kind)}"
+            print(f"{label:28}{wall:8.1f}s  (dbt's own {own:.1f}s)")
+    return incremental, full
 
 
 def main() -> None:
@@ -305,6 +317,13 @@ def main() -> None:
         help="incremental builds from the same state (the ratio uses their median)",
     )
     parser.add_argument(
+        "--full-refreshes",
+        type=int,
+        default=1,
+        help="full refreshes of the same data, each right after one of the incremental builds "
+        "(the ratio uses the medians of both kinds)",
+    )
+    parser.add_argument(
         "--incremental-only",
         action="store_true",
         help="rerun only the incremental build(s) from the state an earlier run of this script "
@@ -314,6 +333,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.incremental_only and not args.data_dir:
         parser.error("--incremental-only needs the --data-dir of an earlier run")
+    if not 1 <= args.full_refreshes <= args.repeat:
+        parser.error("--full-refreshes must be between 1 and --repeat")
     data_dir = args.data_dir or Path(tempfile.mkdtemp(prefix="presend-bench-"))
     os.environ["PRESEND_DATA_DIR"] = str(data_dir)
     os.environ.pop("PRESEND_WAREHOUSE", None)
@@ -348,12 +369,9 @@ def main() -> None:
     print(f"first full build            {first:8.1f}s")
     change_one_percent(args.contacts, args.events, spread=args.spread)
     save_state()
-    incremental, incremental_dbt, incremental_cpu, incremental_fields = incremental_runs(
-        args.repeat
+    (incremental, incremental_dbt, incremental_cpu), (full, full_dbt, full_cpu) = incremental_runs(
+        args.repeat, args.full_refreshes
     )
-    full, full_dbt, full_cpu = timed_build("full", "--full-refresh")
-    print(f"full refresh, same data     {full:8.1f}s  (dbt's own {full_dbt:.1f}s)")
-    same = merge_fields_checksum() == incremental_fields
     print(f"incremental / full refresh  {incremental / full:8.3f}  (goal <= 0.10)")
     print(f"  in dbt's own time         {incremental_dbt / full_dbt:8.3f}  (no dbt start-up)")
     # Less noisy than the wall clock on a shared machine, and what a warehouse bills for.
@@ -361,9 +379,7 @@ def main() -> None:
         f"  in CPU time               {incremental_cpu / full_cpu:8.3f}  "
         f"({incremental_cpu:.1f}s / {full_cpu:.1f}s of the build process)"
     )
-    print(f"esp_merge_fields identical  {same}")
-    if not same:
-        sys.exit(1)
+    print("esp_merge_fields identical  True (every build)")
 
 
 if __name__ == "__main__":
