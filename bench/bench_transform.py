@@ -12,6 +12,10 @@ esp_merge_fields as a full refresh. This machine is shared and its speed drifts 
 with --full-refreshes, full refreshes alternate with the incremental runs, so the drift falls
 on both sides of the ratio.
 
+The incremental builds are the pipeline's hourly ones, which leave the warehouse's compaction to
+the first build of each day (transform.build, transform.compact_every_hours); one incremental
+build that compacts is timed at the end too (--compact: all of them compact).
+
 Each build runs as the pipeline's transform task runs it under presend's LocalExecutor: a fork
 of a process that has imported dbt, warmed it up and parsed the project with the run's vars
 (transform.run_dbt, preload_dbt, parse_for_forks), as the scheduler does for every sync.
@@ -204,15 +208,18 @@ def change_one_percent(contacts: int, events: int, spread: bool = False) -> None
         )
 
 
-def timed_build(label: str, *args: str, as_of: str = AS_OF) -> tuple[float, float, float]:
-    """Seconds of the build, of dbt's own run, and of CPU (user + system) of its process."""
+def timed_build(
+    label: str, *args: str, as_of: str = AS_OF, compact: bool | None = None
+) -> tuple[float, float, float]:
+    """Seconds of the build, of dbt's own run, and of CPU (user + system) of its process.
+    `compact`: as transform.build (None: a full refresh compacts)."""
     from presend import transform
 
     # As in a deployment that ran before with the same vars, dbt parses the project partially
     # (a changed `as_of` var would make it parse everything, which no real sync pays).
     transform.run_dbt("parse", extra_vars={"as_of": as_of})
     start, cpu = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
-    transform.build(*args, *transform.SYNC_BUILD_ARGS, extra_vars={"as_of": as_of})
+    transform.build(*args, *transform.SYNC_BUILD_ARGS, extra_vars={"as_of": as_of}, compact=compact)
     elapsed = time.perf_counter() - start
     cpu_after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu_seconds = (cpu_after.ru_utime - cpu.ru_utime) + (cpu_after.ru_stime - cpu.ru_stime)
@@ -268,16 +275,21 @@ def restore_state() -> None:
     _copy_to_disk(_state_copy(), settings.warehouse_path())
 
 
-def incremental_runs(repeat: int, full_refreshes: int = 0) -> tuple[tuple, tuple | None]:
+def incremental_runs(
+    repeat: int, full_refreshes: int = 0, compact: bool = False
+) -> tuple[tuple, tuple | None]:
     """`repeat` incremental builds, each from the same saved state, the first `full_refreshes`
     of them each followed by a full refresh of the same data (alternating, so the machine's
     slow and fast minutes fall on both kinds): the medians (seconds of the build, of dbt's own
-    run, of CPU) of each kind. Every build must give the same esp_merge_fields, or exit 1."""
+    run, of CPU) of each kind. Every build must give the same esp_merge_fields, or exit 1.
+
+    The incremental builds are the pipeline's hourly ones, which do not compact the warehouse
+    (transform.build), unless `compact`: as the first build of each day."""
     runs, fulls, checksums = [], [], set()
     for i in range(repeat):
         if i:
             restore_state()
-        runs.append(timed_build("incremental"))
+        runs.append(timed_build("incremental", compact=compact))
         checksums.add(merge_fields_checksum())
         print(f"incremental after 1% change {runs[-1][0]:8.1f}s  (dbt's own {runs[-1][1]:.1f}s)")
         if i < full_refreshes:
@@ -330,6 +342,13 @@ def main() -> None:
         "left in --data-dir (before_incremental.duckdb): to compare a change to the models "
         "on the same data",
     )
+    parser.add_argument(
+        "--compact",
+        action="store_true",
+        help="the incremental builds compact the warehouse, as the pipeline's first build of "
+        "each day does (transform.compact_every_hours); by default they do not, as the builds "
+        "in between, and one more incremental build that compacts is timed at the end",
+    )
     args = parser.parse_args()
     if args.incremental_only and not args.data_dir:
         parser.error("--incremental-only needs the --data-dir of an earlier run")
@@ -357,7 +376,7 @@ def main() -> None:
         if not _state_copy().exists():
             parser.error(f"{_state_copy()} does not exist: run without --incremental-only first")
         restore_state()
-        incremental_runs(args.repeat)
+        incremental_runs(args.repeat, compact=args.compact)
         return
     t0 = time.perf_counter()
     generate(args.contacts, args.events)
@@ -370,7 +389,7 @@ def main() -> None:
     change_one_percent(args.contacts, args.events, spread=args.spread)
     save_state()
     (incremental, incremental_dbt, incremental_cpu), (full, full_dbt, full_cpu) = incremental_runs(
-        args.repeat, args.full_refreshes
+        args.repeat, args.full_refreshes, compact=args.compact
     )
     print(f"incremental / full refresh  {incremental / full:8.3f}  (goal <= 0.10)")
     print(f"  in dbt's own time         {incremental_dbt / full_dbt:8.3f}  (no dbt start-up)")
@@ -379,6 +398,17 @@ def main() -> None:
         f"  in CPU time               {incremental_cpu / full_cpu:8.3f}  "
         f"({incremental_cpu:.1f}s / {full_cpu:.1f}s of the build process)"
     )
+    if not args.compact:
+        checksum = merge_fields_checksum()  # every build's so far
+        restore_state()
+        compacting = timed_build("incremental_compacting", compact=True)[0]
+        if merge_fields_checksum() != checksum:
+            print("the compacting build gave a different esp_merge_fields")
+            sys.exit(1)
+        print(
+            f"incremental that compacts   {compacting:8.1f}s  ({compacting / full:.3f} of a full "
+            "refresh: the first build of each day)"
+        )
     print("esp_merge_fields identical  True (every build)")
 
 

@@ -116,6 +116,18 @@ def test_failed_share_bounds_are_allowed(tmp_path, share):
     assert config.load(_write(tmp_path, doc)).quality_max_failed_share == share
 
 
+def test_compaction_interval_defaults_to_a_day_and_refuses_a_negative_one(tmp_path):
+    doc = _valid_doc()
+    assert config.load(_write(tmp_path, doc)).transform_compact_every_hours == 24
+    doc["transform"]["compact_every_hours"] = 0
+    assert config.load(_write(tmp_path, doc)).transform_compact_every_hours == 0
+    del doc["transform"]["compact_every_hours"]
+    assert config.load(_write(tmp_path, doc)).transform_compact_every_hours == 24
+    doc["transform"]["compact_every_hours"] = -1
+    with pytest.raises(config.ConfigError, match=re.escape("transform.compact_every_hours")):
+        config.load(_write(tmp_path, doc))
+
+
 def test_missing_config_file_is_named(tmp_path):
     path = tmp_path / "nowhere.yml"
     with pytest.raises(config.ConfigError, match=re.escape(str(path))):

@@ -4,11 +4,15 @@ esp_merge_fields a `--full-refresh` gives; the snapshot keeps the profile's hist
 from __future__ import annotations
 
 import json
+import re
 import subprocess
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from pathlib import Path
 
 import duckdb
 import pytest
+import yaml
 from test_dbt_fixture import (
     AS_OF,
     EXPECTED,
@@ -388,3 +392,44 @@ def test_a_second_contact_with_an_email_the_run_wrote_warns(data_dir):
     assert proc.returncode == 0, proc.stdout[-2000:]
     assert "WARN 1 unique_esp_merge_fields__EMAIL_" in proc.stdout
     assert "PASS unique_esp_merge_fields_contact_id" in proc.stdout
+
+
+def test_the_builds_between_two_that_compact_leave_compaction_to_the_next_due(
+    data_dir, monkeypatch, tmp_path
+):
+    """The pipeline's builds let DuckDB compact the tables they rewrite only once every
+    transform.compact_every_hours (a day by default), and on a full refresh."""
+    load_duckdb_fixture()
+    assert transform.build(extra_vars=VARS).compacted  # no build has compacted this warehouse
+    _second_load()
+    assert not transform.build(extra_vars=VARS).compacted  # the last one is minutes old
+    assert transform.build("--full-refresh", extra_vars=VARS).compacted
+    assert not transform.compaction_due()
+    a_day_ago = datetime.now(UTC) - timedelta(hours=24, minutes=1)
+    assert transform.compaction_due(now=datetime.now(UTC) + timedelta(hours=24, minutes=1))
+    Path(f"{settings.warehouse_path()}.compacted_at").write_text(a_day_ago.isoformat())
+    assert transform.build(extra_vars=VARS).compacted
+    assert not transform.build(extra_vars=VARS).compacted
+    # compact_every_hours: 0 compacts on every build.
+    doc = yaml.safe_load(settings.CONFIG_FILE.read_text())
+    doc["transform"]["compact_every_hours"] = 0
+    (tmp_path / "presend.yml").write_text(yaml.safe_dump(doc))
+    monkeypatch.setattr(settings, "CONFIG_FILE", tmp_path / "presend.yml")
+    assert transform.build(extra_vars=VARS).compacted
+
+
+@pytest.mark.parametrize(("tasks", "expected"), [(None, "100"), ("0", "0")])
+def test_the_profile_gives_duckdb_the_compaction_setting_of_the_build(data_dir, tasks, expected):
+    """What transform.build sets reaches DuckDB: 0 vacuum tasks = no compaction while it
+    checkpoints; DuckDB's default (100) otherwise, as for dbt run by hand."""
+    load_duckdb_fixture()
+    env = {} if tasks is None else {"PRESEND_DUCKDB_MAX_VACUUM_TASKS": tasks}
+    proc = transform.run_dbt(
+        "show",
+        "--inline",
+        "select current_setting('max_vacuum_tasks') as max_vacuum_tasks",
+        extra_vars=VARS,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:]
+    assert re.search(rf"\|\s*{expected}\s*\|", proc.stdout), proc.stdout[-2000:]

@@ -78,6 +78,8 @@ class Config:
     esp_batch_max_bytes: int
     # transform: the store whose product pages recommendations link to.
     transform_store_url: str = "https://shop.example.com"
+    # transform: hours between pipeline builds that let DuckDB compact the tables they write.
+    transform_compact_every_hours: float = 24.0
     # alerts: the Airflow notifier (dotted path to a BaseNotifier subclass) and its arguments.
     alerts_notifier: str = "presend.alerts.LogNotifier"
     alerts_notifier_kwargs: dict = field(default_factory=dict)
@@ -124,8 +126,18 @@ def load(path: Path | None = None) -> Config:
             if "transform" in doc
             else "https://shop.example.com"
         ),
+        transform_compact_every_hours=_compact_every_hours(doc, path),
         **_alerts(doc, path),
     )
+
+
+def _compact_every_hours(doc: dict[str, Any], path: Path) -> float:
+    if "compact_every_hours" not in (doc.get("transform") or {}):
+        return 24.0
+    hours = _get(doc, "transform.compact_every_hours", float, path)
+    if hours < 0:
+        raise ConfigError(f"{path}: transform.compact_every_hours must not be negative")
+    return hours
 
 
 def _alerts(doc: dict[str, Any], path: Path) -> dict[str, Any]:
