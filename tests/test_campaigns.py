@@ -141,7 +141,7 @@ def test_durations():
 def test_batches_due_close_together_get_their_own_runs_one_after_the_other(tmp_path, monkeypatch):
     """Two sends five minutes apart: the DAG's timetable has a run for each sync time, and
     runs of one campaign never overlap, so the second waits for the first to push."""
-    from airflow.models.dagbag import DagBag
+    from airflow.dag_processing.dagbag import DagBag
     from airflow.timetables.base import TimeRestriction
 
     from presend import settings

@@ -6,7 +6,7 @@ from __future__ import annotations
 import ast
 
 import pytest
-from airflow.models.dagbag import DagBag
+from airflow.dag_processing.dagbag import DagBag
 
 from presend import settings, transform_cosmos
 

@@ -14,7 +14,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from airflow.models.dagbag import DagBag
+from airflow.dag_processing.dagbag import DagBag
 from test_ingest_sources import SIZES, Source, assert_raw_equals_source
 
 from presend import cli, settings, sources
