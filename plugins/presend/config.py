@@ -68,6 +68,9 @@ def _quality(doc: dict[str, Any], path: Path) -> QualityConfig:
     )
 
 
+COMPACT_EVERY_HOURS = 24.0  # transform.compact_every_hours when the file leaves it out
+
+
 @dataclass(frozen=True)
 class Config:
     merge_field_defaults: dict[str, str]
@@ -79,7 +82,7 @@ class Config:
     # transform: the store whose product pages recommendations link to.
     transform_store_url: str = "https://shop.example.com"
     # transform: hours between pipeline builds that let DuckDB compact the tables they write.
-    transform_compact_every_hours: float = 24.0
+    transform_compact_every_hours: float = COMPACT_EVERY_HOURS
     # alerts: the Airflow notifier (dotted path to a BaseNotifier subclass) and its arguments.
     alerts_notifier: str = "presend.alerts.LogNotifier"
     alerts_notifier_kwargs: dict = field(default_factory=dict)
@@ -133,7 +136,7 @@ def load(path: Path | None = None) -> Config:
 
 def _compact_every_hours(doc: dict[str, Any], path: Path) -> float:
     if "compact_every_hours" not in (doc.get("transform") or {}):
-        return 24.0
+        return COMPACT_EVERY_HOURS
     hours = _get(doc, "transform.compact_every_hours", float, path)
     if hours < 0:
         raise ConfigError(f"{path}: transform.compact_every_hours must not be negative")
