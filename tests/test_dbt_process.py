@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -83,6 +84,52 @@ def test_dbt_log_file_keeps_the_task_log_lines_and_debug_on_request(data_dir, mo
     monkeypatch.setenv("DBT_LOG_LEVEL_FILE", "debug")
     assert transform.run_dbt("parse").returncode == 0
     assert "[debug]" in log.read_text()
+
+
+def test_forked_dbt_formats_only_the_events_a_log_takes():
+    """In the forked dbt process an event below the level of every log is dropped before
+    dbt builds its message or formats its line (transform_events): the SQL statements of a
+    build at info. A log at debug still gets them."""
+    script = textwrap.dedent(
+        """
+        import io, json
+        from dbt.adapters.events.types import SQLQuery
+        from dbt_common.events.base_types import EventLevel
+        from dbt_common.events.event_manager import EventManager
+        from dbt_common.events.logger import LoggerConfig
+        from dbt_common.events.types import Note
+        from presend import transform_events
+
+        applied = transform_events.skip_unlogged_events()
+        out = io.StringIO()
+        manager = EventManager()
+        manager.add_logger(LoggerConfig(name="at_info", level=EventLevel.INFO, output_stream=out))
+        dropped = SQLQuery(conn_name="model.a", sql="select 42", node_info={})
+        manager.fire_event(dropped)
+        manager.fire_event(Note(msg="a note at info"))
+        at_info = out.getvalue()
+        manager.add_logger(LoggerConfig(name="at_debug", level=EventLevel.DEBUG, output_stream=out))
+        manager.fire_event(SQLQuery(conn_name="model.b", sql="select 43", node_info={}))
+        print(json.dumps({
+            "applied": applied,
+            "built": "pb_msg" in vars(dropped),
+            "at_info": at_info,
+            "at_debug": out.getvalue()[len(at_info):],
+            "read_later": dropped.message(),
+        }))
+        """
+    )
+    env = dict(os.environ, PYTHONPATH=str(Path(transform.__file__).resolve().parents[1]))
+    proc = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True
+    )
+    seen = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert seen["applied"]
+    assert not seen["built"], "a debug event no log takes still built its message"
+    assert "a note at info" in seen["at_info"]
+    assert "select 42" not in seen["at_info"]
+    assert "On model.b: select 43" in seen["at_debug"]
+    assert seen["read_later"] == "On model.a: select 42"
 
 
 def test_forked_dbt_finds_every_macro_of_the_project_compiled(data_dir, monkeypatch):

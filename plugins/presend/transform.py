@@ -28,7 +28,7 @@ from datetime import UTC, datetime, timedelta
 from multiprocessing import util as mp_util
 from pathlib import Path
 
-from presend import config, settings, warehouse
+from presend import config, settings, transform_events, warehouse
 
 
 class DbtBuildError(RuntimeError):
@@ -313,6 +313,7 @@ def _dbt_child(
         os.chdir(settings.DBT_PROJECT_DIR)
         from dbt.cli.main import dbtRunner
 
+        transform_events.skip_unlogged_events()
         inherited = set(mp_util._finalizer_registry)
         try:
             result = dbtRunner(manifest=manifest).invoke(argv)
