@@ -1,15 +1,21 @@
 {#-
   Incremental per-contact models: a run recomputes only the contacts in
   int_affected_contacts (contacts whose inputs changed since the last run). Such a model
-  is materialized incremental with the append strategy, deletes the affected contacts'
-  rows first (this pre-hook) and inserts them again, recomputed from all their inputs.
-  So a contact that drops out (no cart any more, consent withdrawn) loses its row.
+  is materialized incremental with this strategy (incremental_strategy='affected_contacts'):
+  dbt computes the affected contacts' rows from all their inputs into a temporary table,
+  then this deletes their old rows and inserts the new ones, in one transaction. So a
+  contact that drops out (no cart any more, consent withdrawn) loses its row.
+  The delete comes after the computation, not before it (a pre-hook): while DuckDB saves
+  another model's writes to the file (a checkpoint), it lets reads and inserts run but
+  makes deletes wait, and the computation is most of a model's time.
 -#}
-{% macro delete_affected_contacts(column='contact_id') -%}
-    {%- if is_incremental() -%}
-        delete from {{ this }}
-        where {{ column }} in (select contact_id from {{ ref('int_affected_contacts') }})
-    {%- endif -%}
+{% macro get_incremental_affected_contacts_sql(arg_dict) -%}
+    {%- set target = arg_dict['target_relation'] -%}
+    {%- set columns = get_quoted_csv(arg_dict['dest_columns'] | map(attribute='name')) -%}
+    delete from {{ target }}
+    where contact_id in (select contact_id from {{ ref('int_affected_contacts') }});
+    insert into {{ target }} ({{ columns }})
+    select {{ columns }} from {{ arg_dict['temp_relation'] }}
 {%- endmacro %}
 
 {#- The affected contacts' ids, as a subquery for `in`. -#}

@@ -9,8 +9,7 @@
 -#}
 {{ config(
     materialized='incremental',
-    incremental_strategy='append',
-    pre_hook="{{ delete_affected_contacts() }}",
+    incremental_strategy='affected_contacts',
 ) }}
 -- depends_on: {{ ref('int_affected_contacts') }}
 -- depends_on: {{ ref('int_identity__contact_order_lines') }}

@@ -5,9 +5,8 @@
 -#}
 {{ config(
     materialized='incremental',
-    incremental_strategy='append',
+    incremental_strategy='affected_contacts',
     on_schema_change='append_new_columns',
-    pre_hook="{{ delete_affected_contacts() }}",
 ) }}
 -- depends_on: {{ ref('int_affected_contacts') }}
 -- depends_on: {{ ref('int_identity__contact_order_lines') }}

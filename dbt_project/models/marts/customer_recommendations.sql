@@ -6,9 +6,8 @@
 -#}
 {{ config(
     materialized='incremental',
-    incremental_strategy='append',
+    incremental_strategy='affected_contacts',
     on_schema_change='fail',
-    pre_hook="{{ delete_affected_contacts() }}",
 ) }}
 -- depends_on: {{ ref('int_affected_contacts') }}
 -- depends_on: {{ ref('int_identity__contact_order_lines') }}
