@@ -12,8 +12,7 @@
 {% macro get_incremental_affected_contacts_sql(arg_dict) -%}
     {%- set target = arg_dict['target_relation'] -%}
     {%- set columns = get_quoted_csv(arg_dict['dest_columns'] | map(attribute='name')) -%}
-    delete from {{ target }}
-    where contact_id in (select contact_id from {{ ref('int_affected_contacts') }});
+    delete from {{ target }} where contact_id in {{ affected_contacts() }};
     insert into {{ target }} ({{ columns }})
     select {{ columns }} from {{ arg_dict['temp_relation'] }}
 {%- endmacro %}

@@ -9,9 +9,9 @@ debug events that no log keeps (dbt.log keeps info, as the task log does; see
 transform.dbt_env): ~0.3 s of the build's CPU time, on the threads that run the models.
 
 skip_unlogged_events(), in the forked dbt process before dbt runs, changes two things:
-an event builds its message when something first reads it, and the event manager drops an
-event below the level of every log, before building anything, when no callback would see
-it (dbt's own behaviour-change tracker looks at warnings only). With
+an event builds its message when something first reads it, and the event manager drops a
+debug event, before building anything, when every log is above debug and no callback would
+see it (dbt's own behaviour-change tracker looks at warnings only). With
 DBT_LOG_LEVEL_FILE=debug dbt.log takes every event, as before.
 """
 
@@ -19,7 +19,8 @@ from __future__ import annotations
 
 from typing import Any
 
-_LEVEL_RANK = {"debug": 0, "test": 0, "info": 1, "warn": 2, "error": 3}
+# Levels Python's logging writes as debug (dbt_common.events.logger.send_to_logger).
+_DEBUG_LEVELS = frozenset({"debug", "test"})
 # Callbacks dbt itself adds that act on other events than the ones this drops.
 _IGNORED_CALLBACKS = frozenset({"track_behavior_change_warn"})
 _applied = False
@@ -66,11 +67,10 @@ def skip_unlogged_events() -> bool:
         node: Any = None,
         force_warn_or_error_handling: bool = False,
     ) -> None:
-        rank = _LEVEL_RANK.get(str(getattr(level or e.level_tag(), "value", "")), 3)
         if (
-            rank == 0
-            and not force_warn_or_error_handling
-            and all(_LEVEL_RANK.get(str(log.level.value), 0) > rank for log in self.loggers)
+            (level or e.level_tag()) in _DEBUG_LEVELS
+            and not force_warn_or_error_handling  # may turn it into an error
+            and not any(log.level in _DEBUG_LEVELS for log in self.loggers)
             and all(getattr(c, "__name__", "") in _IGNORED_CALLBACKS for c in self.callbacks)
         ):
             return
