@@ -13,14 +13,34 @@
 -- depends_on: {{ ref('int_identity__contact_order_lines') }}
 with
 
+contacts as (
+
+    select contact_id from {{ ref('stg_crm__contacts') }}
+    {% if is_incremental() %} where contact_id in {{ affected_contacts() }} {% endif %}
+
+),
+
+favorite as (
+
+    select * from {{ ref('int_engagement__favorite_category') }}
+    {% if is_incremental() %} where contact_id in {{ affected_contacts() }} {% endif %}
+
+),
+
+-- Every contact of customer_profile with its favorite_category, as customer_profile has it
+-- (the store's best-selling category when the contact engaged with none), read from the
+-- same models rather than from customer_profile: so this builds beside it, not after it.
 profiles as (
 
     select
-        contact_id,
-        favorite_category
+        contacts.contact_id,
+        coalesce(favorite.favorite_category, store_best_category.category)
+            as favorite_category
 
-    from {{ ref('customer_profile') }}
-    {% if is_incremental() %} where contact_id in {{ affected_contacts() }} {% endif %}
+    from contacts
+    left join favorite on contacts.contact_id = favorite.contact_id
+    left join {{ best_selling_category(ref('int_product_sales')) }} as store_best_category
+        on 1 = 1
 
 ),
 
