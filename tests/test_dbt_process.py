@@ -132,6 +132,59 @@ def test_forked_dbt_formats_only_the_events_a_log_takes():
     assert seen["read_later"] == "On model.a: select 42"
 
 
+def test_dbt_compiles_a_template_text_once_and_renders_it_with_each_context():
+    """transform_templates: dbt's Jinja environments keep the code compiled from a text, so a
+    node's SQL, or a test's, is lexed and parsed once per process; each render still uses its
+    own context, an edited text compiles afresh, and native rendering keeps its types. The
+    agate tables of query results keep their types with a shared type tester."""
+    script = textwrap.dedent(
+        """
+        import json
+        import jinja2.environment
+        from dbt_common.clients import agate_helper
+        from dbt.clients.jinja import get_rendered
+        from presend import transform_templates
+
+        generated = []
+        generate = jinja2.environment.generate
+        jinja2.environment.generate = lambda *a, **k: generated.append(1) or generate(*a, **k)
+        applied = transform_templates.share_compiled_templates()
+        types = transform_templates.share_type_testers()
+        sql = "select {{ n }} from {{ this }}"
+        first = get_rendered(sql, {"n": 1, "this": "a"})
+        second = get_rendered(sql, {"n": 2, "this": "b"})
+        after_two = len(generated)
+        edited = get_rendered(sql + " where true", {"n": 3, "this": "c"})
+        native = get_rendered("{{ [n, n] }}", {"n": 4}, native=True)
+        table = agate_helper.table_from_rows(
+            [[1, "2026-11-20 12:00:00", "007"]], ["n", "at", "code"], text_only_columns=["code"]
+        )
+        again = agate_helper.table_from_rows([[2, None, ""]], ["n", "at", "code"], ["code"])
+        print(json.dumps({
+            "applied": applied and types,
+            "renders": [first, second, edited],
+            "native": native,
+            "compiled": [after_two, len(generated)],
+            "types": [type(t).__name__ for t in table.column_types],
+            "rows": [list(map(str, table.rows[0])), list(map(str, again.rows[0]))],
+            "empty": list(agate_helper.empty_table().column_names),
+        }))
+        """
+    )
+    env = dict(os.environ, PYTHONPATH=str(Path(transform.__file__).resolve().parents[1]))
+    proc = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True
+    )
+    seen = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert seen["applied"]
+    assert seen["renders"] == ["select 1 from a", "select 2 from b", "select 3 from c where true"]
+    assert seen["native"] == [4, 4]
+    assert seen["compiled"] == [1, 3], "the same text was compiled again"
+    assert seen["types"] == ["Integer", "DateTime", "Text"]
+    assert seen["rows"] == [["1", "2026-11-20 12:00:00", "007"], ["2", "None", ""]]
+    assert seen["empty"] == []
+
+
 def test_forked_dbt_finds_every_macro_of_the_project_compiled(data_dir, monkeypatch):
     """preload_dbt compiles every macro's template (the project's, dbt's, the adapter's) into
     dbt's template cache, which each forked build inherits instead of compiling them again."""
