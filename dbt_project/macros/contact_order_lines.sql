@@ -63,3 +63,8 @@
         ({{ contact_order_lines_query(affected_only=false) }})
     {%- endif -%}
 {%- endmacro %}
+
+{#- Whether this run is a full refresh (`--full-refresh`): a macro, so unit tests can set it. -#}
+{% macro full_refresh() -%}
+    {{ return(flags.FULL_REFRESH) }}
+{%- endmacro %}
