@@ -182,6 +182,16 @@
     )
 {%- endmacro %}
 
+{#- A contact's favourite category as customer_profile and customer_recommendations have it:
+    the one it engaged with most (`engaged`, from int_engagement__favorite_category; null if
+    none), else the store's best-selling category (null before the first sale). -#}
+{% macro favorite_or_best_selling_category(engaged) -%}
+    coalesce(
+        {{ engaged }},
+        (select category from {{ best_selling_category(ref('int_product_sales')) }} as best)
+    )
+{%- endmacro %}
+
 {#- A condition: the product listed at a rank differs between two int_product_sales states. -#}
 {% macro product_listing_differs(new, old) -%}
     (

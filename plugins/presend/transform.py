@@ -152,7 +152,7 @@ def parse_for_forks(extra_vars: dict | None = None) -> None:
                 args += ["--vars", vars_json]
             key = _manifest_key(env, vars_json or "")
             parsed = dbtRunner().invoke(args)
-        _compile_macro_templates(parsed.result)
+        _compile_templates(parsed.result)
         if parsed.success and vars_json and _manifest_key(env, vars_json) == key:
             _parsed = (key, parsed.result)
     finally:
@@ -204,22 +204,21 @@ def _kept_manifest(argv: list[str], env: dict[str, str]) -> object | None:
     return manifest if all(env.get(name) == value for name, value in read.items()) else None
 
 
-def _compile_macro_templates(manifest: object) -> None:
+def _compile_templates(manifest: object) -> None:
     """Compile the Jinja template of every macro of the parsed project (dbt's and the
-    adapter's included) into dbt's template cache, which forks inherit. dbt compiles a macro
+    adapter's included) and of every node's SQL, which forks inherit. dbt compiles a macro
     the first time a process calls it, and a build's materializations, hooks and tests call
     ~180: every forked build compiled them again (~0.9 s of its threads' time in an incremental
-    build at 1M; compiling all ~550 here costs ~0.8 s once per process). The cache is keyed
-    by the macro's text, so a macro edited since is compiled afresh."""
+    build at 1M; compiling all ~550 here costs ~0.8 s once per process); and it compiles each
+    node's SQL from its text at every build (transform_templates keeps that code by text).
+    Both caches are keyed by the text, so a macro or model edited since is compiled afresh."""
     from dbt_common.clients.jinja import get_template, template_cache
 
     for macro in getattr(manifest, "macros", {}).values():
         with contextlib.suppress(Exception):  # a macro that does not compile fails where used
             template_cache.get_node_template(macro)
-    # And every node's SQL, which dbt compiles from its text at each build
-    # (transform_templates keeps the code by text).
     for node in getattr(manifest, "nodes", {}).values():
-        with contextlib.suppress(Exception):
+        with contextlib.suppress(Exception):  # likewise a node
             get_template(node.raw_code, {}, node)
 
 

@@ -6,7 +6,7 @@
   to the next, and often from one test to the next (every primary_key test's SQL is one
   line calling the test macro). share_compiled_templates() keeps the compiled code of each
   text per kind of dbt environment; each template still gets its own globals, as before.
-  dbt's macros have their own cache already (transform._compile_macro_templates).
+  dbt's macros have their own cache already (transform._compile_templates).
 - agate: every query result dbt loads into a table (get_columns_in_relation of each
   incremental model, each test's result) builds a type tester with new date and time types,
   whose parser (parsedatetime's Calendar) rebuilds its locale tables each time, and so does

@@ -53,12 +53,6 @@ cart as (
 
 ),
 
-store_best_category as (
-
-    select category from {{ best_selling_category(ref('int_product_sales')) }} as best
-
-),
-
 -- Cast to the types the model's contract declares (customer_profile.yml), on every warehouse.
 profile as (
 
@@ -76,7 +70,7 @@ profile as (
         cast(coalesce(order_facts.lifetime_value, 0) as decimal(18, 2)) as lifetime_value,
         cast(order_facts.last_order_date as date) as last_order_date,
         cast(
-            coalesce(favorite.favorite_category, store_best_category.category)
+            {{ favorite_or_best_selling_category('favorite.favorite_category') }}
             as {{ dbt.type_string() }}
         ) as favorite_category,
         favorite.favorite_category is not null as is_favorite_category_engaged,
@@ -94,8 +88,6 @@ profile as (
     left join favorite on identity.contact_id = favorite.contact_id
     left join send_hours on identity.contact_id = send_hours.contact_id
     left join cart on identity.contact_id = cart.contact_id
-    -- One store-wide row (or none before the first sale): the fallback favourite category.
-    left join store_best_category on 1 = 1
 
 ),
 

@@ -27,20 +27,18 @@ favorite as (
 
 ),
 
--- Every contact of customer_profile with its favorite_category, as customer_profile has it
--- (the store's best-selling category when the contact engaged with none), read from the
--- same models rather than from customer_profile: so this builds beside it, not after it.
+-- Every contact of customer_profile with its favorite_category, as customer_profile has it,
+-- read from the same models rather than from customer_profile: so this builds beside it,
+-- not after it.
 profiles as (
 
     select
         contacts.contact_id,
-        coalesce(favorite.favorite_category, store_best_category.category)
+        {{ favorite_or_best_selling_category('favorite.favorite_category') }}
             as favorite_category
 
     from contacts
     left join favorite on contacts.contact_id = favorite.contact_id
-    left join {{ best_selling_category(ref('int_product_sales')) }} as store_best_category
-        on 1 = 1
 
 ),
 
